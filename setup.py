@@ -1,0 +1,40 @@
+"""Classic nbdev 2 setup: everything is read from settings.ini."""
+from configparser import ConfigParser
+from pathlib import Path
+
+import setuptools
+
+cfg = ConfigParser(delimiters=["="])
+cfg.read(Path(__file__).with_name("settings.ini"))
+cfg = cfg["DEFAULT"]
+
+requirements = cfg.get("requirements", "").split()
+dev_requirements = cfg.get("dev_requirements", "").split()
+licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+lic = licenses[cfg["license"]]
+
+setuptools.setup(
+    name=cfg["lib_name"],
+    version=cfg["version"],
+    description=cfg["description"],
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    author=cfg["author"],
+    author_email=cfg["author_email"],
+    license=lic[0],
+    keywords=cfg["keywords"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "License :: " + lic[1],
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    python_requires=">=" + cfg["min_python"],
+    packages=setuptools.find_packages(include=["mopoe", "mopoe.*"]),
+    include_package_data=True,
+    install_requires=requirements,
+    extras_require={"dev": dev_requirements},
+    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    zip_safe=False,
+)
