@@ -155,11 +155,9 @@ def component_ids(num_components: int, batch: int, strategy: str = "stratified",
 
 class MixtureOfProducts:
     "Uniform mixture over the rows of `mask` (K, M) of the product of the Gaussian experts mu, logvar (M, B, D)."
-    def __init__(self, mu: Tensor, logvar: Tensor, mask: Tensor, prior_expert: str = "full", full: Tensor | None = None):
-        # `full`: which modalities make the full set for the "full" prior-expert rule (default: all M)
+    def __init__(self, mu: Tensor, logvar: Tensor, mask: Tensor, prior_expert: str = "full"):
         self.mu, self.logvar, self.mask = mu, logvar, mask
-        full = torch.ones(mask.shape[1], dtype=torch.bool, device=mask.device) if full is None else full
-        self.prior = prior_flags(mask, prior_expert) if prior_expert != "full" else (mask == full).all(1)
+        self.prior = prior_flags(mask, prior_expert)
         _check_experts(mu, logvar, mask, self.prior)
 
     @property
