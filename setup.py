@@ -35,6 +35,9 @@ setuptools.setup(
     include_package_data=True,
     install_requires=requirements,
     extras_require={"dev": dev_requirements},
-    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    entry_points={
+        "console_scripts": cfg.get("console_scripts", "").split(),
+        "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+    },
     zip_safe=False,
 )

@@ -177,9 +177,12 @@ def _generate(self: MultimodalVAE, n: int) -> dict:
     return {m: self.likelihoods[m].mean(p) for m, p in self.decode(z).items()}
 
 @torch.no_grad()
-def _cond_generate(self: MultimodalVAE, x: dict, num_samples: int | None = None) -> dict:
-    "Every modality generated from q(z | the modalities in x): {m: (B, *shape)} or (num_samples, B, *shape)."
-    mu, lv, present, private = self.experts(x)
+def _cond_generate(self: MultimodalVAE, x: dict, num_samples: int | None = None, given=None, experts=None) -> dict:
+    "Every modality generated from q(z | X_given) (default: the modalities in x): {m: (B, *shape)} or (num_samples, B, *shape)."
+    mu, lv, present, private = self.experts(x) if experts is None else experts      # pass `experts` to reuse one encoder pass
+    if given is not None:
+        present = self.present(given)
+        private = {m: v for m, v in private.items() if m in given}
     q = MixtureOfProducts(mu, lv, self.components(present), self.prior_expert)
     z = q.rsample(() if num_samples is None else (num_samples,), strategy="random")
     params = self.decode(z, _sample_private(self, private, z.shape[:-1]))
@@ -189,10 +192,10 @@ MultimodalVAE.generate, MultimodalVAE.cond_generate = _generate, _cond_generate
 
 # %% ../nbs/04_model.ipynb #c020
 @torch.no_grad()
-def _log_likelihood(self: MultimodalVAE, x: dict, given=None, num_samples: int = 15) -> Tensor:
-    "Importance-sampled log p(X) per example (B,), proposal q(z|X) or q(z|X_given)."
+def _log_likelihood(self: MultimodalVAE, x: dict, given=None, num_samples: int = 15, experts=None) -> Tensor:
+    "Importance-sampled log p(X) per example (B,), proposal q(z|X) or q(z|X_given); `experts` reuses an encoder pass."
     self.check_batch(x, require_all=True)
-    mu, lv, _, private = self.experts(x)
+    mu, lv, _, private = self.experts(x) if experts is None else experts
     if given is None: mask = self.subsets
     else:
         given = [given] if isinstance(given, str) else list(given)
