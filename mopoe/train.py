@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DATASETS', 'PRESETS', 'CPU_PRESETS', 'TrainConfig', 'resolve_config', 'build_data', 'build_model', 'pick_device',
            'CheckpointError', 'atomic_save', 'save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state',
-           'seed_everything', 'test_loss', 'train', 'main']
+           'seed_everything', 'batches', 'test_loss', 'train', 'main']
 
 # %% ../nbs/07_train.ipynb #c002
 import argparse
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DistributedSampler, Subset, default_collate
 from tqdm.auto import tqdm
 
 from .experts import OBJECTIVES, PRIOR_EXPERT
@@ -66,7 +66,6 @@ class TrainConfig:
     amp: bool = False                   # bf16 autocast (CUDA only)
     prior_expert: str = "full"          # none | full | all: where the N(0, I) expert joins the product
     likelihood_scale: float = 0.75      # scale of the Laplace image likelihood
-    num_workers: int = 0                # DataLoader workers
 
 def _choices(name, value, options):
     if value not in options: raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, options))}")
@@ -164,6 +163,15 @@ def seed_everything(seed: int):
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
 # %% ../nbs/07_train.ipynb #c012
+def batches(ds, order: torch.Tensor, batch_size: int):
+    "Yield collated (x, y) batches of `ds` in the given index order."
+    base, index = (ds.dataset, torch.as_tensor(ds.indices)) if isinstance(ds, Subset) else (ds, None)
+    fast = hasattr(base, "raw")               # mopoe.data datasets index whole batches at once
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        if fast: yield base[index[idx] if index is not None else idx]
+        else: yield default_collate([ds[j] for j in idx.tolist()])
+
 def _dist_info():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -173,11 +181,11 @@ def _to(batch, device):
     return {m: t.to(device, non_blocking=True) for m, t in x.items()}, y.to(device, non_blocking=True)
 
 @torch.no_grad()
-def test_loss(model, loader, device, amp=False) -> dict:
-    "Mean loss terms of the model's objective over a loader."
+def test_loss(model, ds, batch_size, device, amp=False) -> dict:
+    "Mean loss terms of the model's objective over a dataset."
     model.eval()
     sums, n = {}, 0
-    for batch in loader:
+    for batch in batches(ds, torch.arange(len(ds)), batch_size):
         x, _ = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             _, logs = model.loss(x)
@@ -209,8 +217,8 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
     history, start = [], 0
     if cfg.resume and (out / "checkpoint.pt").exists():
         state = load_checkpoint(out / "checkpoint.pt", map_location=device)
-        saved = {k: v for k, v in state["config"].items() if k not in ("epochs", "resume", "device", "num_workers")}
-        mine = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "resume", "device", "num_workers")}
+        saved = {k: v for k, v in state["config"].items() if k not in ("epochs", "resume", "device")}
+        mine = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "resume", "device")}
         if saved != mine:
             diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
             raise CheckpointError(f"checkpoint {out / 'checkpoint.pt'} was written by another config: {diff} (saved, now)")
@@ -222,17 +230,18 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
         (out / "metrics.jsonl").write_text("")
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed) if distributed else None
-    test_loader = DataLoader(test_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    step = start * math.ceil(len(train_ds) / world / cfg.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / cfg.batch_size)
+    step = start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
-        if sampler is not None: sampler.set_epoch(epoch)
-        order = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                            generator=order, num_workers=cfg.num_workers, drop_last=False)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
+        else: order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         model.train()
         sums, n = {}, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
+        bar = tqdm(batches(train_ds, order, cfg.batch_size), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress or rank != 0, leave=False)
         for i, batch in enumerate(bar):
             x, _ = _to(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -251,7 +260,7 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
             if stop_after_steps is not None and step >= stop_after_steps: break
         if stop_after_steps is not None and step >= stop_after_steps: break   # a simulated interruption: no checkpoint
         record = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
-                  **{f"test_{k}": v for k, v in test_loss(model, test_loader, device, amp).items()},
+                  **{f"test_{k}": v for k, v in test_loss(model, test_ds, cfg.batch_size, device, amp).items()},
                   "seconds": time.time() - t0}
         history.append(record)
         if rank == 0:
