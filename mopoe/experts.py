@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.distributions import Independent, Normal
 
 # %% ../nbs/01_experts.ipynb #c005
@@ -97,45 +98,55 @@ def gaussian(mu: Tensor, logvar: Tensor) -> Independent:
 
 # %% ../nbs/01_experts.ipynb #c017
 class _MeanSubsetKL(torch.autograd.Function):
-    "Mean over subsets of KL(PoE_k || N(0, I)), summed over D: (B,); chunked forward, recomputing backward."
+    "Mean over subsets of KL(PoE_k || N(0, I)), summed over D: (B,); chunked, its gradient formed in the same pass."
     @staticmethod
-    def _chunk(P, PM, w, prior):
-        T = torch.einsum("km,mbd->kbd", w, P) + prior[:, None, None]   # (k, B, D)
-        N = torch.einsum("km,mbd->kbd", w, PM)                          # (k, B, D)
-        r = T.reciprocal()
-        return T, r, N * r                                             # precision, variance, mean
+    def forward(ctx, P, mu, w, prior, chunk, grad):
+        M, B, D = P.shape
+        K = w.shape[0]
+        Pf, PMf = P.reshape(M, -1), (P * mu).reshape(M, -1)
+        T, N, E = (P.new_empty(min(chunk, K), B * D) for _ in range(3))   # chunk buffers, reused
+        acc = P.new_zeros(B * D)                                           # sum over subsets of the KL integrand
+        if grad: gT, gN = P.new_zeros(M, B * D), P.new_zeros(M, B * D)
+        for c in range(0, K, chunk):
+            wc = w[c:c + chunk]
+            k = wc.shape[0]
+            t, n, e = T[:k], N[:k], E[:k]
+            torch.mm(wc, Pf, out=t).add_(prior[c:c + chunk, None])         # precision T
+            torch.mm(wc, PMf, out=n)                                       # N = T * mean
+            torch.log(t, out=e)
+            t.reciprocal_()                                                # variance r = 1 / T
+            n.mul_(t)                                                      # mean m = N r
+            e.add_(t).addcmul_(n, n)                                       # log T + r + m^2
+            acc.add_(e.sum(0)).sub_(k)                                     # ... - 1, summed over the chunk
+            if grad:
+                torch.mul(n, t, out=e)                                     # dKL/dN = m r
+                gN.addmm_(wc.T, e)
+                n.mul_(n)
+                torch.add(t, n, alpha=2, out=e).mul_(t)
+                torch.sub(t, e, out=e)                                     # 2 dKL/dT = r - r^2 - 2 m^2 r
+                gT.addmm_(wc.T, e, alpha=0.5)
+        if grad:
+            gT, gN = gT.view(M, B, D), gN.view(M, B, D)
+            ctx.save_for_backward(gT.add_(gN * mu), gN.mul_(P))            # d/dP, d/dmu of the sum over subsets
+        ctx.K = K
+        return 0.5 * acc.view(B, D).sum(1) / K
 
     @staticmethod
-    def forward(ctx, P, mu, w, prior, chunk):
-        PM = P * mu
-        out = P.new_zeros(P.shape[1])
-        for c in range(0, w.shape[0], chunk):
-            T, r, m = _MeanSubsetKL._chunk(P, PM, w[c:c + chunk], prior[c:c + chunk])
-            out += 0.5 * (r + m * m - 1 + torch.log(T)).sum((0, 2))
-        ctx.save_for_backward(P, mu, w, prior)
-        ctx.chunk = chunk
-        return out / w.shape[0]
-
-    @staticmethod
+    @once_differentiable
     def backward(ctx, g):
-        P, mu, w, prior = ctx.saved_tensors
-        PM = P * mu
-        gT, gN = torch.zeros_like(P), torch.zeros_like(P)
-        g = (g / w.shape[0])[None, :, None]                              # (1, B, 1)
-        for c in range(0, w.shape[0], ctx.chunk):
-            wc = w[c:c + ctx.chunk]
-            T, r, m = _MeanSubsetKL._chunk(P, PM, wc, prior[c:c + ctx.chunk])
-            gT += torch.einsum("km,kbd->mbd", wc, g * 0.5 * r * (1 - r - 2 * m * m))
-            gN += torch.einsum("km,kbd->mbd", wc, g * m * r)
-        return gT + gN * mu, gN * P, None, None, None
+        gP, gmu = ctx.saved_tensors
+        g = (g / ctx.K)[None, :, None]                                     # (1, B, 1)
+        return gP * g, gmu * g, None, None, None, None
 
-def mean_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None, chunk_elems: int = 2**22) -> Tensor:
+def mean_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None, chunk_elems: int | None = None) -> Tensor:
     "Mean over the rows of `mask` of KL(PoE of that subset || N(0, I)), summed over latent dims: (B,)."
     prior = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device) if prior is None else prior
     _check_experts(mu, logvar, mask, prior)
     P = precisions(logvar)
+    if chunk_elems is None: chunk_elems = 2**20 if mu.device.type == "cpu" else 2**25
     chunk = max(1, chunk_elems // (mu.shape[1] * mu.shape[2]))
-    return _MeanSubsetKL.apply(P, mu.to(P.dtype), mask.to(P.dtype), prior.to(P.dtype), chunk)
+    grad = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
+    return _MeanSubsetKL.apply(P, mu.to(P.dtype), mask.to(P.dtype), prior.to(P.dtype), chunk, grad)
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     "KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dim."

@@ -91,13 +91,10 @@ def resolve_config(cfg: TrainConfig | None = None, **overrides) -> TrainConfig:
 
 # %% ../nbs/07_train.ipynb #c008
 def build_data(cfg: TrainConfig):
-    "(train, test, info) for a resolved config, subsetting to num_train / num_test when asked."
+    "(train, test, info) for a resolved config (num_train / num_test: build only that many tuples)."
     from mopoe.data import get_datasets
     opts = {"num_modalities": cfg.num_modalities} if cfg.dataset == "polymnist" else {}
-    train, test, info = get_datasets(cfg.dataset, root=cfg.data_dir, seed=cfg.seed, **opts)
-    if cfg.num_train is not None: train = Subset(train, range(min(cfg.num_train, len(train))))
-    if cfg.num_test is not None: test = Subset(test, range(min(cfg.num_test, len(test))))
-    return train, test, info
+    return get_datasets(cfg.dataset, root=cfg.data_dir, seed=cfg.seed, num_train=cfg.num_train, num_test=cfg.num_test, **opts)
 
 def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     "The MultimodalVAE of a resolved config for a dataset `info`."
@@ -239,7 +236,7 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
             order = torch.tensor(list(sampler))
         else: order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         model.train()
-        sums, n = {}, 0
+        sums, n, trace = {}, 0, []
         bar = tqdm(batches(train_ds, order, cfg.batch_size), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank != 0, leave=False)
         for i, batch in enumerate(bar):
@@ -256,12 +253,13 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
             b = next(iter(x.values())).shape[0]
             for k, v in logs.items(): sums[k] = sums.get(k, 0.0) + float(v) * b
             n += b
+            trace.append(round(float(logs["loss"]), 3))
             bar.set_postfix(loss=f"{sums['loss'] / n:.1f}")
             if stop_after_steps is not None and step >= stop_after_steps: break
         if stop_after_steps is not None and step >= stop_after_steps: break   # a simulated interruption: no checkpoint
         record = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
                   **{f"test_{k}": v for k, v in test_loss(model, test_ds, cfg.batch_size, device, amp).items()},
-                  "seconds": time.time() - t0}
+                  "seconds": time.time() - t0, "step_losses": trace}
         history.append(record)
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")

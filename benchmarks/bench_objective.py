@@ -1,0 +1,365 @@
+"""Cost of the multimodal objectives over the bare networks, and of the subset fusion alone (issue 6).
+
+For each number of modalities M the script builds the PolyMNIST encoders/decoders (conv nets of
+`mopoe.nets`, 3x28x28 images, Laplace likelihood with scale 0.75, beta 2.5, prior expert on the full set)
+on synthetic tensors of PolyMNIST's shape and times, interleaved in one process, one Adam training step
+(zero_grad + forward + backward + optimizer.step) of
+
+- ``bare``: the same encoders and decoders trained as M independent single-Gaussian VAEs: every modality is
+  encoded, reparameterized with its own Gaussian, decoded by its own decoder, Laplace log-likelihood minus
+  beta * KL(q(z|x_m) || N(0, I)), summed over modalities, mean over the batch. Same network work as MoPoE
+  (M encoder passes, M decoder passes over B rows), no fusion.
+- ``mopoe``, ``mvae``, ``mmvae``, ``powerset`` (Eq. 5): `mopoe.model.MultimodalVAE.loss` with that objective.
+  ``powerset`` decodes every subset (2^M - 1 times M decoder passes); it is measured up to
+  ``--powerset-max-m`` and extrapolated (clearly marked) beyond.
+
+and separately the fusion alone on random experts (M, B, D) that require grad: MixtureOfProducts
++ stratified component ids + rsample + mean_kl (the exact KL of every subset) + backward with a random
+upstream gradient for z. For comparison it also times the fusion with a *sampled* KL (the KL of the one
+component each row drew, an unbiased estimate of the mean over subsets) and reports that estimator's
+relative standard deviation on the same experts; the library default is the exact chunked KL.
+
+Peak memory: every (variant, M) runs in a fresh interpreter that imports, builds the model, optimizer and
+data, runs two steps and reports its peak resident set (VmHWM; ru_maxrss would include the parent's peak,
+which Linux carries across fork+exec) and the resident set after the imports; torch CPU allocations are
+invisible to tracemalloc.
+
+Usage: python benchmarks/bench_objective.py [--modalities 2 3 5 8 10 12] [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+VARIANTS = ("bare", "mopoe", "mvae", "mmvae", "powerset")
+
+
+def _rss_mb() -> float:
+    "Current resident set size of this process (MB)."
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"): return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _maxrss_mb() -> float:
+    """Peak resident set size of this process (MB): VmHWM of /proc/self/status.
+
+    Not ru_maxrss: Linux carries the parent's peak into a fork+exec'ed child, so a child of a 1-GB benchmark
+    process would report at least 1 GB. VmHWM belongs to the address space the exec created."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"): return int(line.split()[1]) / 1024
+    except OSError: pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def polymnist_info(M: int):
+    "A stand-in DatasetInfo with M PolyMNIST-shaped modalities m0..m{M-1}."
+    names = [f"m{i}" for i in range(M)]
+    return SimpleNamespace(name="polymnist", modalities=names, shapes={m: (3, 28, 28) for m in names},
+                           likelihoods={m: "laplace" for m in names}, data_dims={m: 3 * 28 * 28 for m in names},
+                           num_classes=10, alphabet=None)
+
+
+def build(variant: str, M: int, latent: int, seed: int = 0, beta: float = 2.5, scale: float = 0.75):
+    "The MultimodalVAE of `variant` (the bare variant uses the mopoe model's networks and likelihoods)."
+    import torch
+    from mopoe.likelihoods import get_likelihood
+    from mopoe.model import MultimodalVAE, default_rec_weights
+    from mopoe.nets import make_networks
+    info = polymnist_info(M)
+    torch.manual_seed(seed)
+    enc, dec = make_networks(info, latent, 0)
+    liks = {m: get_likelihood("laplace", scale=scale) for m in info.modalities}
+    objective = "mopoe" if variant == "bare" else variant
+    return MultimodalVAE(enc, dec, liks, latent, 0, objective, beta, default_rec_weights(info.data_dims),
+                         "full", shapes=info.shapes)
+
+
+def bare_loss(model, x: dict):
+    "M independent single-Gaussian VAEs on the model's encoders/decoders: negative ELBO summed over modalities."
+    import torch
+    from mopoe.experts import gaussian_kl
+    total = 0.0
+    for m in model.modalities:
+        mu, lv = model.encoders[m](x[m])
+        z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
+        rec = model.rec_weights[m] * model.likelihoods[m].log_prob(model.decoders[m](z), x[m])
+        total = total + rec - model.beta * gaussian_kl(mu, lv)
+    return -total.mean()
+
+
+def make_step(variant: str, model, x: dict, lr: float = 1e-3):
+    "A closure running one training step of `variant` (zero_grad, forward, backward, Adam step)."
+    import torch
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = (lambda: bare_loss(model, x)) if variant == "bare" else (lambda: model.loss(x)[0])
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def make_data(M: int, batch: int, seed: int = 1):
+    "Synthetic PolyMNIST-shaped batch {m: (B, 3, 28, 28)} in [0, 1]."
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return {f"m{i}": torch.rand(batch, 3, 28, 28, generator=g) for i in range(M)}
+
+
+def make_fusion(M: int, batch: int, latent: int, kl: str = "exact", seed: int = 2):
+    "A closure timing the fusion alone on random experts: rsample + KL over the subsets + backward."
+    import torch
+    from mopoe.experts import MixtureOfProducts, component_ids, subset_mask, poe_rows, gaussian_kl
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(M, batch, latent, generator=g).requires_grad_()
+    lv = (0.5 * torch.randn(M, batch, latent, generator=g)).requires_grad_()
+    gz = torch.randn(batch, latent, generator=g)
+    mask = subset_mask(M)
+    def fusion():
+        mu.grad = lv.grad = None
+        q = MixtureOfProducts(mu, lv, mask, "full")
+        ids = component_ids(q.num_components, batch, "stratified")
+        z = q.rsample(ids=ids)
+        if kl == "exact": k = q.mean_kl()
+        else: k = gaussian_kl(*poe_rows(mu, lv, mask[ids], q.prior[ids]))     # KL of the drawn component
+        ((z * gz).sum(-1) + k).mean().backward()
+        return float(k.mean().detach())
+    return fusion, (mu, lv, mask)
+
+
+def sampled_kl_spread(mu, lv, mask, draws: int = 30) -> dict:
+    "Exact batch-mean KL and the mean/std over draws of the sampled (one component per row) estimate."
+    import torch
+    from mopoe.experts import MixtureOfProducts, component_ids, poe_rows, gaussian_kl
+    with torch.no_grad():
+        q = MixtureOfProducts(mu, lv, mask, "full")
+        exact = float(q.mean_kl().mean())
+        est = []
+        for _ in range(draws):
+            ids = component_ids(q.num_components, mu.shape[1], "stratified")
+            est.append(float(gaussian_kl(*poe_rows(mu, lv, mask[ids], q.prior[ids])).mean()))
+    return {"exact_batch_mean_kl": exact, "sampled_mean": statistics.fmean(est),
+            "sampled_std": statistics.stdev(est), "relative_std": statistics.stdev(est) / exact, "draws": draws}
+
+
+def _summary(ts):
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "all": ts}
+
+
+def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    "Median time of each closure, run round-robin (order rotated every repeat) after `warmup` calls each."
+    for _ in range(warmup):
+        for f in fns.values(): f()
+    names, out = list(fns), {n: [] for n in fns}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        if r % 2: order = order[::-1]
+        for n in order:
+            gc.collect()
+            t = time.perf_counter(); fns[n](); out[n].append(time.perf_counter() - t)
+    return {n: _summary(ts) for n, ts in out.items()}
+
+
+def child_memory(variant: str, M: int, batch: int, latent: int, threads: int) -> dict:
+    "Peak RSS of two training steps of `variant` (or the fusion) in this fresh process."
+    import torch
+    import mopoe.model, mopoe.nets, mopoe.experts  # noqa: F401  (imports are part of the baseline)
+    torch.set_num_threads(threads)
+    after_import = _rss_mb()
+    if variant in ("fusion", "fusion_sampled_kl"):
+        f, _ = make_fusion(M, batch, latent, "exact" if variant == "fusion" else "sampled")
+    else:
+        f = make_step(variant, build(variant, M, latent), make_data(M, batch))
+    before = _rss_mb()
+    for _ in range(2): f()
+    return {"after_import_mb": after_import, "before_step_mb": before, "peak_rss_mb": _maxrss_mb(),
+            "peak_over_import_mb": _maxrss_mb() - after_import}
+
+
+def measure_memory(variant: str, M: int, args) -> dict:
+    "Run `child_memory` in a fresh interpreter."
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, str(M), "--batch", str(args.batch),
+           "--latent", str(args.latent), "--threads", str(args.threads)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.child_timeout} s"}
+    if p.returncode != 0: return {"error": (p.stderr or "").strip().splitlines()[-1:] or [f"exit {p.returncode}"]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def powerset_fit(results: list) -> dict | None:
+    "Least-squares fit of powerset - bare step time against (2^M - 1) * M decoder passes, from the measured M."
+    pts = [(r["subsets"] * r["M"], r["times"]["powerset"]["median"] - r["times"]["bare"]["median"])
+           for r in results if "powerset" in r["times"]]
+    if not pts: return None
+    c = sum(x * y for x, y in pts) / sum(x * x for x, _ in pts)
+    return {"seconds_per_subset_decoder_pass": c, "from_M": [r["M"] for r in results if "powerset" in r["times"]]}
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError: pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__, "threads": threads,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "loadavg_start": os.getloadavg()}
+
+
+def run(args) -> dict:
+    import torch
+    torch.set_num_threads(args.threads)
+    res = {"machine": machine_info(args.threads), "settings": {
+        "batch": args.batch, "latent": args.latent, "repeats": args.repeats, "modalities": args.modalities,
+        "threads": args.threads, "quick": args.quick, "powerset_max_m": args.powerset_max_m,
+        "beta": 2.5, "likelihood": "laplace(scale=0.75)", "prior_expert": "full", "optimizer": "Adam(lr=1e-3)",
+        "bare": "M independent single-Gaussian VAEs on the same encoders/decoders (Laplace log-lik - beta*KL)"},
+        "results": []}
+    t_start = time.perf_counter()
+    for M in args.modalities:
+        variants = [v for v in VARIANTS if v != "powerset" or M <= args.powerset_max_m]
+        x = make_data(M, args.batch)
+        fns = {v: make_step(v, build(v, M, args.latent), x) for v in variants}
+        fus, experts = make_fusion(M, args.batch, args.latent, "exact")
+        fus_s, _ = make_fusion(M, args.batch, args.latent, "sampled")
+        fns["fusion"], fns["fusion_sampled_kl"] = fus, fus_s
+        times = time_interleaved(fns, args.repeats)
+        bare = times["bare"]["median"]
+        r = {"M": M, "subsets": 2 ** M - 1,
+             "times": {v: times[v] for v in variants},
+             "ratio_to_bare": {v: times[v]["median"] / bare for v in variants},
+             "fusion": times["fusion"], "fusion_sampled_kl": times["fusion_sampled_kl"],
+             "fusion_fraction_of_mopoe_step": times["fusion"]["median"] / times["mopoe"]["median"],
+             "fusion_per_subset_element_ns": times["fusion"]["median"] / ((2 ** M - 1) * args.batch * args.latent) * 1e9,
+             "sampled_kl": sampled_kl_spread(*experts)}
+        del fns, x, fus, fus_s, experts; gc.collect()
+        if M in args.memory_modalities:
+            mem = {v: measure_memory(v, M, args) for v in variants + ["fusion"] if v in args.memory_variants}
+            r["memory"] = mem
+            if "peak_rss_mb" in mem["bare"]:
+                r["memory_ratio_to_bare"] = {v: m["peak_rss_mb"] / mem["bare"]["peak_rss_mb"]
+                                             for v, m in mem.items() if "peak_rss_mb" in m}
+                r["memory_increment_over_bare_mb"] = {v: m["peak_rss_mb"] - mem["bare"]["peak_rss_mb"]
+                                                     for v, m in mem.items() if "peak_rss_mb" in m}
+        res["results"].append(r)
+        print(format_row(r), flush=True)
+    fit = powerset_fit(res["results"])
+    if fit:
+        res["powerset_fit"] = fit
+        for r in res["results"]:
+            if "powerset" not in r["times"]:
+                t = r["times"]["bare"]["median"] + fit["seconds_per_subset_decoder_pass"] * r["subsets"] * r["M"]
+                r["powerset_extrapolated"] = {"seconds": t, "ratio_to_bare": t / r["times"]["bare"]["median"]}
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    res["wall_seconds"] = time.perf_counter() - t_start
+    res["targets"] = check_targets(res["results"])
+    return res
+
+
+def check_targets(results: list) -> dict:
+    "The issue's targets, where the run measured them."
+    by = {r["M"]: r for r in results}
+    t = {}
+    if 5 in by: t["mopoe_step_le_1.10x_bare_at_M5"] = {"value": by[5]["ratio_to_bare"]["mopoe"], "met": by[5]["ratio_to_bare"]["mopoe"] <= 1.10}
+    if 10 in by: t["mopoe_step_le_1.25x_bare_at_M10"] = {"value": by[10]["ratio_to_bare"]["mopoe"], "met": by[10]["ratio_to_bare"]["mopoe"] <= 1.25}
+    if 10 in by and "memory_ratio_to_bare" in by[10]:
+        v = by[10]["memory_ratio_to_bare"].get("mopoe")
+        if v is not None: t["mopoe_peak_memory_le_1.5x_bare_at_M10"] = {"value": v, "met": v <= 1.5}
+    if 12 in by:
+        t["fusion_fraction_of_step_at_M12"] = {"value": by[12]["fusion_fraction_of_mopoe_step"],
+                                               "met": by[12]["fusion_fraction_of_mopoe_step"] <= 0.1}
+    return t
+
+
+def format_row(r: dict) -> str:
+    tm = r["times"]
+    cells = [f"M={r['M']:>2} K={r['subsets']:>4}", f"bare {tm['bare']['median']:.3f}s"]
+    for v in VARIANTS[1:]:
+        if v in tm: cells.append(f"{v} {tm[v]['median']:.3f}s ({r['ratio_to_bare'][v]:.2f}x)")
+    cells.append(f"fusion {r['fusion']['median']:.3f}s ({100 * r['fusion_fraction_of_mopoe_step']:.0f}% of mopoe step)")
+    cells.append(f"fusion(sampled KL) {r['fusion_sampled_kl']['median']:.3f}s")
+    return " | ".join(cells)
+
+
+def format_table(res: dict) -> str:
+    "A markdown table of the run."
+    rows = ["| M | subsets | bare (s) | mopoe | mvae | mmvae | powerset (Eq. 5) | fusion (s) | fusion / mopoe step | "
+            "fusion, sampled KL (s) | peak RSS bare (GB) | peak RSS mopoe (GB) | mopoe / bare memory |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        tm, ra = r["times"], r["ratio_to_bare"]
+        cell = lambda v: f"{tm[v]['median']:.3f} s ({ra[v]:.2f}×)" if v in tm else "–"
+        if "powerset" in tm: ps = cell("powerset")
+        elif "powerset_extrapolated" in r:
+            e = r["powerset_extrapolated"]; ps = f"≈{e['seconds']:.0f} s ({e['ratio_to_bare']:.0f}×), extrapolated"
+        else: ps = "–"
+        mem = r.get("memory", {})
+        gb = lambda v: f"{mem[v]['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in mem.get(v, {}) else "–"
+        mr = r.get("memory_ratio_to_bare", {}).get("mopoe")
+        rows.append(f"| {r['M']} | {r['subsets']} | {tm['bare']['median']:.3f} | {cell('mopoe')} | {cell('mvae')} | "
+                    f"{cell('mmvae')} | {ps} | {r['fusion']['median']:.3f} | {100 * r['fusion_fraction_of_mopoe_step']:.1f}% | "
+                    f"{r['fusion_sampled_kl']['median']:.3f} | {gb('bare')} | {gb('mopoe')} | "
+                    f"{'–' if mr is None else f'{mr:.2f}×'} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modalities", type=int, nargs="+", default=[2, 3, 5, 8, 10, 12])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--latent", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--powerset-max-m", type=int, default=5, help="measure Eq. 5 up to this M, extrapolate beyond")
+    p.add_argument("--memory-modalities", type=int, nargs="*", default=None,
+                   help="the M whose peak memory is measured (default: all; --quick: the smallest)")
+    p.add_argument("--memory-variants", nargs="+", default=list(VARIANTS) + ["fusion"],
+                   help="the variants whose peak memory is measured (--quick: bare, mopoe)")
+    p.add_argument("--child-timeout", type=int, default=300)
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: batch 8, latent 16, M = 2 3, 2 repeats, 1 thread, memory of bare and mopoe at M=2")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "M"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.batch, a.latent, a.repeats, a.modalities, a.threads = 8, 16, 2, [2, 3], 1
+        a.memory_variants = ["bare", "mopoe"]
+    if a.memory_modalities is None: a.memory_modalities = a.modalities[:1] if a.quick else list(a.modalities)
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child_memory(args.child[0], int(args.child[1]), args.batch, args.latent, args.threads)))
+        return
+    res = run(args)
+    print()
+    print(format_table(res))
+    for k, v in res["targets"].items(): print(f"{k}: {v['value']:.3f} -> {'met' if v['met'] else 'MISSED'}")
+    if args.json:
+        with open(args.json, "w") as f: json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
