@@ -189,10 +189,15 @@ class MixtureOfProducts:
         B = self.mu.shape[1]
         if ids is None: ids = torch.cat([component_ids(self.num_components, B, strategy, self.mu.device) for _ in range(max(n, 1))])
         elif ids.shape != (max(n, 1) * B,): raise ValueError(f"ids must have shape ({max(n, 1) * B},), got {tuple(ids.shape)}")
-        rows = torch.arange(B, device=self.mu.device).repeat(max(n, 1))
-        mu_r, lv_r = poe_rows(self.mu[:, rows], self.logvar[:, rows], self.mask[ids], self.prior[ids])   # (n*B, D)
+        mu_r, lv_r = self.rows(ids)                                                                           # (n*B, D)
         z = mu_r + torch.exp(0.5 * lv_r) * torch.randn_like(mu_r)
         return z.reshape(*sample_shape, B, -1)                                                               # (*S, B, D)
+
+    def rows(self, ids: Tensor):
+        "Mean and log-variance of component ids[i] for batch row i % B: (len(ids), D) each."
+        B = self.mu.shape[1]
+        rows = torch.arange(len(ids), device=self.mu.device) % B
+        return poe_rows(self.mu[:, rows], self.logvar[:, rows], self.mask[ids], self.prior[ids])
 
     def log_prob(self, z: Tensor) -> Tensor:
         "Log-density of z (..., B, D) under the mixture: logsumexp over components minus log K, (..., B)."

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .experts import (MixtureOfProducts, OBJECTIVES, PRIOR_EXPERT, SAMPLING, gaussian, gaussian_kl,
                            objective_subsets, poe, prior_flags, subset_mask, subsets_within)
 from .likelihoods import Likelihood, get_likelihood
-from .objectives import generalized_elbo
+from .objectives import KL_ESTIMATORS, generalized_elbo
 
 # %% ../nbs/04_model.ipynb #c005
 def default_rec_weights(data_dims: dict) -> dict:
@@ -33,7 +33,7 @@ class MultimodalVAE(nn.Module):
     "A multimodal VAE over dicts of encoders/decoders/likelihoods with the objective of `objective`."
     def __init__(self, encoders: dict, decoders: dict, likelihoods: dict, latent_dim: int, private_dim: int = 0,
                  objective: str = "mopoe", beta: float = 1.0, rec_weights: dict | None = None,
-                 prior_expert: str = "full", sampling: str = "stratified", shapes: dict | None = None):
+                 prior_expert: str = "full", sampling: str = "stratified", shapes: dict | None = None, kl: str = "exact"):
         super().__init__()
         names = list(encoders)
         if len(names) < 2: raise ValueError(f"a multimodal VAE needs at least 2 modalities, got {names}")
@@ -47,7 +47,8 @@ class MultimodalVAE(nn.Module):
         self.decoders = nn.ModuleDict({m: decoders[m] for m in names})
         self.likelihoods = {m: get_likelihood(likelihoods[m]) for m in names}
         self.latent_dim, self.private_dim = latent_dim, private_dim
-        self.objective, self.beta, self.prior_expert, self.sampling = objective, beta, prior_expert, sampling
+        if kl not in KL_ESTIMATORS: raise ValueError(f"unknown kl {kl!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+        self.objective, self.beta, self.prior_expert, self.sampling, self.kl = objective, beta, prior_expert, sampling, kl
         self.rec_weights = {m: float((rec_weights or {}).get(m, 1.0)) for m in names}
         self.shapes = {m: tuple(s) for m, s in shapes.items()} if shapes else None
         self.register_buffer("subsets", objective_subsets(objective, len(names)), persistent=False)
@@ -160,7 +161,7 @@ def _loss(self: MultimodalVAE, x: dict, beta: float | None = None):
     def log_lik(z):                                                       # (..., B, D) -> (..., B)
         params = self.decode(z, _sample_private(self, private, z.shape[:-1]), names)
         return sum(self.rec_weights[m] * self.likelihoods[m].log_prob(params[m], x[m]) for m in names)
-    loss, logs = generalized_elbo(self.objective, mu, lv, log_lik, beta, self.prior_expert, self.sampling, present)
+    loss, logs = generalized_elbo(self.objective, mu, lv, log_lik, beta, self.prior_expert, self.sampling, present, self.kl)
     if self.private_dim:
         klp = sum(gaussian_kl(*private[m]) for m in names).mean()
         loss = loss + beta * klp

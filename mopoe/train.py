@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .experts import OBJECTIVES, PRIOR_EXPERT
 from .likelihoods import get_likelihood
 from .model import MultimodalVAE, default_rec_weights
+from .objectives import KL_ESTIMATORS
 from .nets import PAPER_SETUPS, make_networks
 
 # %% ../nbs/07_train.ipynb #c005
@@ -66,6 +67,7 @@ class TrainConfig:
     amp: bool = False                   # bf16 autocast (CUDA only)
     prior_expert: str = "full"          # none | full | all: where the N(0, I) expert joins the product
     likelihood_scale: float = 0.75      # scale of the Laplace image likelihood
+    kl: str = "exact"                   # exact | sampled: the average KL over subsets, or each row's own subset's KL
 
 def _choices(name, value, options):
     if value not in options: raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, options))}")
@@ -77,6 +79,7 @@ def resolve_config(cfg: TrainConfig | None = None, **overrides) -> TrainConfig:
     _choices("model", cfg.model, OBJECTIVES)
     _choices("preset", cfg.preset, PRESETS)
     _choices("prior_expert", cfg.prior_expert, PRIOR_EXPERT)
+    _choices("kl", cfg.kl, KL_ESTIMATORS)
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ValueError(f"unknown device {cfg.device!r}; choose one of: auto, cpu, cuda, cuda:N")
     base = PAPER_SETUPS[cfg.dataset].as_dict() if cfg.preset == "paper" else CPU_PRESETS[cfg.dataset]
@@ -102,7 +105,7 @@ def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     liks = {m: get_likelihood(l, scale=cfg.likelihood_scale) if l in ("laplace", "gaussian") else get_likelihood(l)
             for m, l in info.likelihoods.items()}
     return MultimodalVAE(enc, dec, liks, cfg.latent_dim, cfg.private_dim, cfg.model, cfg.beta,
-                         default_rec_weights(info.data_dims), cfg.prior_expert, shapes=info.shapes)
+                         default_rec_weights(info.data_dims), cfg.prior_expert, shapes=info.shapes, kl=cfg.kl)
 
 def pick_device(name: str = "auto") -> torch.device:
     "CUDA when present (for 'auto'), else CPU."
