@@ -116,10 +116,10 @@ MultimodalVAE.experts, MultimodalVAE.components = _experts, _components
 MultimodalVAE.posterior, MultimodalVAE.joint_posterior = _posterior, _joint_posterior
 
 # %% ../nbs/04_model.ipynb #c014
-def _subset_means(self: MultimodalVAE, x: dict, mask: Tensor | None = None) -> Tensor:
-    "Posterior mean of every subset in `mask` (default: all subsets) from one encoder pass: (S, B, D)."
+def _subset_means(self: MultimodalVAE, x: dict, mask: Tensor | None = None, experts=None) -> Tensor:
+    "Posterior mean of every subset in `mask` (default: all subsets) from one encoder pass (or `experts`): (S, B, D)."
     self.check_batch(x, require_all=True)
-    mu, lv, _, _ = self.experts(x)
+    mu, lv, _, _ = self.experts(x) if experts is None else experts
     mask = subset_mask(self.num_modalities).to(mu.device) if mask is None else mask.to(mu.device)
     # components of every subset, as rows of the all-subsets mask
     allm = subset_mask(self.num_modalities).to(mu.device)
@@ -194,7 +194,7 @@ MultimodalVAE.generate, MultimodalVAE.cond_generate = _generate, _cond_generate
 # %% ../nbs/04_model.ipynb #c020
 @torch.no_grad()
 def _log_likelihood(self: MultimodalVAE, x: dict, given=None, num_samples: int = 15, experts=None) -> Tensor:
-    "Importance-sampled log p(X) per example (B,), proposal q(z|X) or q(z|X_given); `experts` reuses an encoder pass."
+    "Importance-sampled estimate of log p(X) per example (B,) with proposal q(z|X), or q(z|X_given) (Table 4's 'X|S')."
     self.check_batch(x, require_all=True)
     mu, lv, _, private = self.experts(x) if experts is None else experts
     if given is None: mask = self.subsets
