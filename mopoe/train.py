@@ -51,6 +51,7 @@ class TrainConfig:
     model: str = "mopoe"                # mopoe | mvae | mmvae | powerset (Eq. 5)
     preset: str = "cpu"                 # cpu | paper
     beta: float | None = None           # weight of the KL term
+    beta_warmup: int | None = None      # steps over which the KL weight rises linearly from 0 to beta (0: none)
     epochs: int | None = None
     latent_dim: int | None = None       # shared latent size
     private_dim: int | None = None      # modality-specific latent size (CelebA: 32)
@@ -83,7 +84,8 @@ def resolve_config(cfg: TrainConfig | None = None, **overrides) -> TrainConfig:
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ValueError(f"unknown device {cfg.device!r}; choose one of: auto, cpu, cuda, cuda:N")
     base = PAPER_SETUPS[cfg.dataset].as_dict() if cfg.preset == "paper" else CPU_PRESETS[cfg.dataset]
-    filled = {k: base[k] for k in ("beta", "epochs", "latent_dim", "private_dim", "batch_size", "lr") if getattr(cfg, k) is None}
+    base = {"beta_warmup": 0, **base}
+    filled = {k: base[k] for k in ("beta", "beta_warmup", "epochs", "latent_dim", "private_dim", "batch_size", "lr") if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **filled)
     for k in ("epochs", "latent_dim", "batch_size"):
         if int(getattr(cfg, k)) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(cfg, k)}")
@@ -244,8 +246,9 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
                    disable=not progress or rank != 0, leave=False)
         for i, batch in enumerate(bar):
             x, _ = _to(batch, device)
+            beta = cfg.beta * min(1.0, step / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, logs = net(x)
+                loss, logs = net(x, beta=beta)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1} "
                                          f"(global step {step + 1}); the last checkpoint in {out} is kept")

@@ -38,3 +38,18 @@ def test_bad_parameter_is_rejected_with_choices(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="mopoe, mvae, mmvae, powerset"):
         pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), parameters=dict(model="poe"), progress_bar=False,
                             kernel_name="python3")
+
+
+def test_sweep_notebook_collects_figures(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    tiny = dict(epochs=1, batch_size=32, num_train=64, num_test=32, classifier_epochs=1, num_samples=2, device="cpu")
+    pm.execute_notebook(str(NB.with_name("sweep.ipynb")), str(tmp_path / "sweep_out.ipynb"), progress_bar=False,
+                        kernel_name="python3", cwd=str(NB.parent),
+                        parameters=dict(dataset="mnist_svhn_text", models=["mopoe", "mmvae"], betas=[1.0, 5.0],
+                                        runs_dir=str(runs), data_dir=str(data_dir), train_params=tiny))
+    found = sorted(p.parent.name for p in runs.glob("*/results.json"))
+    assert found == ["mnist_svhn_text_mmvae_beta1", "mnist_svhn_text_mmvae_beta5",
+                     "mnist_svhn_text_mopoe_beta1", "mnist_svhn_text_mopoe_beta5"]
+    out = json.loads((tmp_path / "sweep_out.ipynb").read_text())
+    images = [o for c in out["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2                                   # Figure 1 and Figure 3
