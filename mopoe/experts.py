@@ -72,25 +72,24 @@ def _check_experts(mu, logvar, weights, prior):
         raise ValueError(f"the subset mask has {weights.shape[-1]} columns but there are {mu.shape[0]} experts")
     if not (weights.any(-1) | prior).all(): raise ValueError("an empty subset has no experts to multiply")
 
+def _fuse(mu: Tensor, logvar: Tensor, weights: Tensor, prior: Tensor | None, eq: str):
+    "Closed-form product of the experts (M, B, D) selected by `weights` over M, summed as the einsum `eq` says."
+    prior = torch.zeros(weights.shape[0], dtype=torch.bool, device=weights.device) if prior is None else prior
+    _check_experts(mu, logvar, weights, prior)
+    P = precisions(logvar)                                   # (M, B, D)
+    w = weights.to(P.dtype)
+    T = torch.einsum(eq, w, P)                               # precision sum: (S, B, D) or (B, D)
+    T = T + prior.to(P.dtype).view(-1, *(1,) * (T.dim() - 1))
+    N = torch.einsum(eq, w, P * mu.to(P.dtype))              # precision-weighted mean sum
+    return N / T, -torch.log(T)
+
 def poe(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None):
     "Product of the experts (M, B, D) chosen by each row of `mask` (S, M), prior expert where `prior` (S,): (mu, logvar), each (S, B, D)."
-    prior = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device) if prior is None else prior
-    _check_experts(mu, logvar, mask, prior)
-    P = precisions(logvar)                                   # (M, B, D)
-    w = mask.to(P.dtype)                                     # (S, M)
-    T = torch.einsum("sm,mbd->sbd", w, P) + prior.to(P.dtype)[:, None, None]   # (S, B, D)
-    N = torch.einsum("sm,mbd->sbd", w, P * mu.to(P.dtype))                      # (S, B, D)
-    return N / T, -torch.log(T)
+    return _fuse(mu, logvar, mask, prior, "sm,mbd->sbd")
 
 def poe_rows(mu: Tensor, logvar: Tensor, row_mask: Tensor, prior: Tensor | None = None):
     "Product of the experts (M, B, D) chosen per batch row by `row_mask` (B, M): (mu, logvar), each (B, D)."
-    prior = torch.zeros(row_mask.shape[0], dtype=torch.bool, device=row_mask.device) if prior is None else prior
-    _check_experts(mu, logvar, row_mask, prior)
-    P = precisions(logvar)                                   # (M, B, D)
-    w = row_mask.to(P.dtype)                                 # (B, M)
-    T = torch.einsum("bm,mbd->bd", w, P) + prior.to(P.dtype)[:, None]           # (B, D)
-    N = torch.einsum("bm,mbd->bd", w, P * mu.to(P.dtype))                       # (B, D)
-    return N / T, -torch.log(T)
+    return _fuse(mu, logvar, row_mask, prior, "bm,mbd->bd")
 
 def gaussian(mu: Tensor, logvar: Tensor) -> Independent:
     "A diagonal Gaussian as a torch distribution with event shape (D,)."
