@@ -25,6 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from threadpoolctl import threadpool_limits
 
+from .data import atomic_save
 from .experts import subset_mask, subset_names
 from .nets import make_classifier
 
@@ -169,12 +170,9 @@ def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int 
         scores = classifier_accuracy(nets, test_ds, info, device=device)
         blob = None                                                        # (re)write the cache with the new scores
     if path and blob is None:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({"state": {m: {k: v.cpu() for k, v in net.state_dict().items()} for m, net in nets.items()},
-                    "scores": scores, "n_test": None if test_ds is None else len(test_ds), "settings": json.loads(json.dumps(settings, default=str)),
-                    "info": _info_dict(info)}, tmp)
-        os.replace(tmp, path)
+        atomic_save({"state": {m: {k: v.cpu() for k, v in net.state_dict().items()} for m, net in nets.items()},
+                     "scores": scores, "n_test": None if test_ds is None else len(test_ds), "settings": json.loads(json.dumps(settings, default=str)),
+                     "info": _info_dict(info)}, path)
     out = Classifiers(nets, scores, _metric_name(info), path, from_cache=loaded)
     if progress: print(out)
     return out

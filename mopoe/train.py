@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DATASETS', 'PRESETS', 'CPU_PRESETS', 'TrainConfig', 'resolve_config', 'build_data', 'build_model', 'pick_device',
-           'CheckpointError', 'atomic_save', 'save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state',
-           'seed_everything', 'batches', 'test_loss', 'train', 'main']
+           'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state', 'seed_everything',
+           'batches', 'test_loss', 'train', 'main']
 
 # %% ../nbs/07_train.ipynb #c002
 import argparse
@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset, default_collate
 from tqdm.auto import tqdm
 
+from .data import atomic_save
 from .experts import OBJECTIVES, PRIOR_EXPERT
 from .likelihoods import get_likelihood
 from .model import MultimodalVAE, default_rec_weights
@@ -119,23 +120,12 @@ def pick_device(name: str = "auto") -> torch.device:
 class CheckpointError(RuntimeError):
     "A checkpoint file is missing, unreadable or does not match the run."
 
-def atomic_save(obj, path) -> Path:
-    "torch.save to `path` atomically (temporary file, fsync, rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
 def save_checkpoint(state: dict, out_dir) -> Path:
     "Write out_dir/checkpoint.pt atomically, keeping the previous one as checkpoint.prev.pt."
     path = Path(out_dir) / "checkpoint.pt"
     if path.exists(): os.replace(path, path.with_name("checkpoint.prev.pt"))
-    return atomic_save(state, path)
+    atomic_save(state, path)
+    return path
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     "Load a checkpoint, raising CheckpointError with the file name if it is missing or corrupted."
