@@ -363,7 +363,6 @@ def polymnist(root="data", num_modalities: int = 5, num_train: int | None = None
                 out[split] = {"data": {f"m{m}": torch.from_numpy(np.ascontiguousarray(g["images"][:, m])) for m in range(num_modalities)},
                               "labels": torch.from_numpy(g["labels"]), "index": {}, "meta": {"file_index": torch.from_numpy(g["index"])}}
             return out
-        synthetic_bg = False
     else:
         backgrounds = list(backgrounds) if backgrounds is not None else list(DEFAULT_BACKGROUNDS[:num_modalities])
         if len(backgrounds) != num_modalities:

@@ -12,7 +12,6 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
 
 import numpy as np
 import torch

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .experts import (MixtureOfProducts, OBJECTIVES, PRIOR_EXPERT, SAMPLING, gaussian, gaussian_kl,
                            objective_subsets, poe, prior_flags, subset_mask, subsets_within)
-from .likelihoods import Likelihood, get_likelihood
+from .likelihoods import get_likelihood
 from .objectives import KL_ESTIMATORS, generalized_elbo
 
 # %% ../nbs/04_model.ipynb #c005

@@ -10,15 +10,13 @@ __all__ = ['DATASETS', 'PRESETS', 'CPU_PRESETS', 'TrainConfig', 'resolve_config'
 # %% ../nbs/07_train.ipynb #c002
 import argparse
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
