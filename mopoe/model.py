@@ -116,22 +116,32 @@ MultimodalVAE.experts, MultimodalVAE.components = _experts, _components
 MultimodalVAE.posterior, MultimodalVAE.joint_posterior = _posterior, _joint_posterior
 
 # %% ../nbs/04_model.ipynb #c014
+def _component_weights(self: MultimodalVAE, mask: Tensor) -> Tensor:
+    "(S, 2^M-1) weights: row s averages the components of subset s, as rows of `subset_mask(M)`; cached per mask."
+    key = mask.cpu().numpy().tobytes()
+    cache = self.__dict__.setdefault("_component_cache", {})
+    if key not in cache:
+        allm = subset_mask(self.num_modalities)
+        index = {tuple(r.tolist()): i for i, r in enumerate(allm)}
+        A = torch.zeros(len(mask), len(allm))
+        for s, row in enumerate(mask.cpu()):                 # bookkeeping on masks, once per model and mask
+            comps = self.components(row.to(self.subsets.device)).cpu()
+            for c in comps: A[s, index[tuple(c.tolist())]] = 1.0 / len(comps)
+        cache[key] = A
+    return cache[key]
+
 def _subset_means(self: MultimodalVAE, x: dict, mask: Tensor | None = None, experts=None) -> Tensor:
     "Posterior mean of every subset in `mask` (default: all subsets) from one encoder pass (or `experts`): (S, B, D)."
     self.check_batch(x, require_all=True)
     mu, lv, _, _ = self.experts(x) if experts is None else experts
-    mask = subset_mask(self.num_modalities).to(mu.device) if mask is None else mask.to(mu.device)
-    # components of every subset, as rows of the all-subsets mask
-    allm = subset_mask(self.num_modalities).to(mu.device)
-    index = {tuple(r.tolist()): i for i, r in enumerate(allm)}
-    A = torch.zeros(len(mask), len(allm), device=mu.device)
-    for s, row in enumerate(mask):
-        comps = self.components(row)
-        for c in comps: A[s, index[tuple(c.tolist())]] = 1.0 / len(comps)
+    mask = subset_mask(self.num_modalities) if mask is None else mask
+    A = self.component_weights(mask).to(mu.device)                                       # (S, 2^M-1)
     used = A.any(0)
-    means, _ = poe(mu, lv, allm[used], prior_flags(allm[used], self.prior_expert))     # (U, B, D)
+    allm = subset_mask(self.num_modalities).to(mu.device)[used]
+    means, _ = poe(mu, lv, allm, prior_flags(allm, self.prior_expert))                    # (U, B, D)
     return torch.einsum("su,ubd->sbd", A[:, used], means)
 
+MultimodalVAE.component_weights = _component_weights
 MultimodalVAE.subset_means = _subset_means
 
 # %% ../nbs/04_model.ipynb #c016
