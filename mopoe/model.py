@@ -98,8 +98,12 @@ def _experts(self: MultimodalVAE, x: dict):
 
 def _components(self: MultimodalVAE, present: Tensor) -> Tensor:
     "Subsets the posterior given the `present` modalities mixes: maximal objective subsets inside, else `present`."
-    inside = subsets_within(self.subsets, present)
-    return maximal_rows(inside) if len(inside) else present[None]
+    cache = self.__dict__.setdefault("_components_cache", {})               # mask bookkeeping, once per subset
+    key = (present.cpu().numpy().tobytes(), str(self.subsets.device))
+    if key not in cache:
+        inside = subsets_within(self.subsets, present)
+        cache[key] = maximal_rows(inside) if len(inside) else present[None]
+    return cache[key]
 
 def _posterior(self: MultimodalVAE, x: dict) -> MixtureOfProducts:
     "q(z | the modalities in x): the model's own posterior for that subset."
