@@ -205,7 +205,8 @@ def test_train_notebook_paper_preset_on_real_fixture(dataset, fixture_root, tmp_
     assert cfg["source"] == "real" and cfg["preset"] == "paper"
     assert (cfg["latent_dim"], cfg["private_dim"], cfg["beta"], cfg["lr"]) == (paper.latent_dim, paper.private_dim, paper.beta, paper.lr)
     assert res["data"]["train"] == 16 and res["data"]["test"] == 8 and not any(res["data"]["synthetic"].values())
-    assert len(res["history"]) == 1 and len(res["history"][0]["step_losses"]) == 2      # two steps of 8
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(res["history"]) == 1 and record["step"] == 2 and len(record["step_losses"]) == 2      # two steps of 8
     assert np.isfinite(res["history"][0]["train_loss"])
     assert res["metrics"]["latent"]["per_subset"]
 
