@@ -231,3 +231,11 @@ def test_paper_setups_match_the_reference_table():
         got = PAPER_SETUPS[name].as_dict()
         assert {k: got[k] for k in ref} == ref, name
         assert got["image_likelihood"] == "laplace" and got["text_likelihood"] == "categorical"
+
+
+def test_command_line_source_real(fixture_root, tmp_path):
+    from mopoe.train import main                   # the `mopoe-train` entry point
+    res = main(["--dataset", "mnist_svhn_text", "--source", "real", "--data_dir", str(fixture_root), "--epochs", "1",
+                "--batch_size", "8", "--num_train", "16", "--num_test", "8", "--device", "cpu", "--out_dir", str(tmp_path / "cli")])
+    assert res["config"].source == "real" and res["info"].source == "real" and res["info"].paper_data
+    assert len(res["history"]) == 1 and res["history"][0]["step"] == 2
