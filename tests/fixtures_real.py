@@ -88,7 +88,7 @@ def polymnist_tuples(n, M=5, seed=2):
     for i, c in enumerate(labels):
         for m in range(M):
             d = X[rng.choice(np.flatnonzero(y == c))] > 127
-            patch = rng.integers(0, 256, (28, 28, 3))
+            patch = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 20, (28, 28, 3)), 0, 255).astype(np.uint8)   # a textured colour
             imgs[i, m] = np.where(d[..., None], 255 - patch, patch).transpose(2, 0, 1)
     return imgs, labels
 
