@@ -58,6 +58,7 @@ class TrainConfig:
     lr: float | None = None             # Adam learning rate
     seed: int = 0
     data_dir: str = "data"              # dataset root and caches
+    source: str = "offline"             # offline (stand-ins) | real (the paper's data) | generated (PolyMNIST only)
     out_dir: str = "runs/default"       # checkpoints, metrics.jsonl, results.json
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     num_modalities: int = 5             # PolyMNIST only
@@ -98,7 +99,8 @@ def build_data(cfg: TrainConfig):
     "(train, test, info) for a resolved config (num_train / num_test: build only that many tuples)."
     from mopoe.data import get_datasets
     opts = {"num_modalities": cfg.num_modalities} if cfg.dataset == "polymnist" else {}
-    return get_datasets(cfg.dataset, root=cfg.data_dir, seed=cfg.seed, num_train=cfg.num_train, num_test=cfg.num_test, **opts)
+    return get_datasets(cfg.dataset, root=cfg.data_dir, seed=cfg.seed, num_train=cfg.num_train, num_test=cfg.num_test,
+                        source=cfg.source, **opts)
 
 def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     "The MultimodalVAE of a resolved config for a dataset `info`."
