@@ -11,11 +11,12 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['PAPER_SETUPS', 'ARCHS', 'Trunk', 'Encoder', 'Classifier', 'Decoder', 'Transpose12', 'Unflatten', 'mlp_trunk',
-           'mlp_decoder', 'polymnist_trunk', 'polymnist_decoder', 'mnist_trunk', 'mnist_decoder', 'svhn_trunk',
-           'svhn_decoder', 'text_conv_trunk', 'text_conv_decoder', 'ResBlock', 'celeba_image_trunk',
-           'celeba_image_decoder', 'celeba_text_trunk', 'celeba_text_decoder', 'PaperSetup', 'paper_setup',
-           'make_encoder', 'make_decoder', 'make_networks', 'make_classifier', 'count_params']
+__all__ = ['TRUNK_INITS', 'TRUNK_ACTS', 'LEAKY_SLOPE', 'PAPER_SETUPS', 'ARCHS', 'Trunk', 'Encoder', 'Classifier', 'Decoder',
+           'Transpose12', 'Unflatten', 'he_init', 'leaky_relu_', 'mlp_trunk', 'mlp_decoder', 'polymnist_trunk',
+           'polymnist_decoder', 'mnist_trunk', 'mnist_decoder', 'svhn_trunk', 'svhn_decoder', 'text_conv_trunk',
+           'text_conv_decoder', 'ResBlock', 'celeba_image_trunk', 'celeba_image_decoder', 'celeba_text_trunk',
+           'celeba_text_decoder', 'PaperSetup', 'paper_setup', 'make_encoder', 'make_decoder', 'make_networks',
+           'make_classifier', 'count_params']
 
 # %% ../nbs/06_nets.ipynb #c006
 class Trunk(nn.Module):
@@ -81,6 +82,28 @@ class Unflatten(nn.Module):
         self.shape = shape
 
     def forward(self, x): return x.reshape(x.shape[0], *self.shape)
+
+# %% ../nbs/06_nets.ipynb #c041
+TRUNK_INITS, TRUNK_ACTS = ("he", "torch"), ("leaky_relu", "relu")
+LEAKY_SLOPE = 0.2
+
+def he_init(module: nn.Module, slope: float = LEAKY_SLOPE) -> nn.Module:
+    "He-normal (fan-in, leaky-ReLU gain for `slope`) weights and zero biases for every conv and linear layer of `module`; in place."
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            nn.init.kaiming_normal_(layer.weight, a=slope, mode="fan_in", nonlinearity="leaky_relu")
+            if layer.bias is not None: nn.init.zeros_(layer.bias)
+    return module
+
+def leaky_relu_(module: nn.Module, slope: float = LEAKY_SLOPE) -> nn.Module:
+    "Replace every `nn.ReLU` inside `module` by `nn.LeakyReLU(slope)`; in place."
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU): setattr(module, name, nn.LeakyReLU(slope))
+        else: leaky_relu_(child, slope)
+    return module
+
+def _choose(name, value, options):
+    if value not in options: raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
 
 # %% ../nbs/06_nets.ipynb #c010
 def mlp_trunk(shape, hidden=(256, 256)) -> Trunk:
@@ -200,9 +223,10 @@ class ResBlock(nn.Module):
                                     conv(cout, cout, 3, 1, 1), _norm(norm, cout, dim))
         if direction == "down": self.skip = nn.Sequential(conv(cin, cout, 1, 2, 0), _norm(norm, cout, dim))
         else: self.skip = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv(cin, cout, 1), _norm(norm, cout, dim))
+        self.act = nn.ReLU()
 
     def forward(self, x):
-        return F.relu(self.branch(x) + self.skip(x))
+        return self.act(self.branch(x) + self.skip(x))
 
 
 def _n_halvings(n: int, what: str) -> int:
@@ -351,10 +375,15 @@ def _arch(info, arch):
     return arch
 
 
-def make_encoder(info, modality: str, latent_dim: int, private_dim: int = 0, arch: str | None = None, **kw) -> Encoder:
-    "The encoder of `modality`: (B, *shape) -> (mu, logvar), each (B, latent_dim + private_dim)."
+def make_encoder(info, modality: str, latent_dim: int, private_dim: int = 0, arch: str | None = None,
+                 init: str = "he", act: str = "leaky_relu", **kw) -> Encoder:
+    "The encoder of `modality`: (B, *shape) -> (mu, logvar), each (B, latent_dim + private_dim); trunk `init` he|torch, `act` leaky_relu|relu."
+    _choose("init", init, TRUNK_INITS); _choose("act", act, TRUNK_ACTS)
     trunk, _ = _builders(info, modality, _arch(info, arch), kw)
-    return Encoder(trunk(), latent_dim, private_dim)
+    trunk = trunk()
+    if act == "leaky_relu": leaky_relu_(trunk)
+    if init == "he": he_init(trunk, LEAKY_SLOPE if act == "leaky_relu" else 0.0)
+    return Encoder(trunk, latent_dim, private_dim)
 
 
 def make_decoder(info, modality: str, latent_dim: int, private_dim: int = 0, arch: str | None = None, **kw) -> Decoder:
@@ -363,9 +392,10 @@ def make_decoder(info, modality: str, latent_dim: int, private_dim: int = 0, arc
     return dec(latent_dim + private_dim)
 
 
-def make_networks(info, latent_dim: int, private_dim: int = 0, arch: str | None = None, **kw):
-    "Dicts `(encoders, decoders)` keyed by `info.modalities`, chosen by `info.name` (or `arch`)."
-    encs = {m: make_encoder(info, m, latent_dim, private_dim, arch, **kw) for m in info.modalities}
+def make_networks(info, latent_dim: int, private_dim: int = 0, arch: str | None = None,
+                  init: str = "he", act: str = "leaky_relu", **kw):
+    "Dicts `(encoders, decoders)` keyed by `info.modalities`, chosen by `info.name` (or `arch`); `init`, `act`: the encoder trunks'."
+    encs = {m: make_encoder(info, m, latent_dim, private_dim, arch, init, act, **kw) for m in info.modalities}
     decs = {m: make_decoder(info, m, latent_dim, private_dim, arch, **kw) for m in info.modalities}
     return encs, decs
 
