@@ -44,8 +44,9 @@ def atomic_write(path, data: bytes | str) -> Path:
     if isinstance(data, str): data = data.encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:                                  # f.name: the temporary file's path
             _write(f, data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
