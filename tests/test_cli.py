@@ -107,3 +107,11 @@ def test_torchrun_two_processes_write_one_results_json_and_one_checkpoint(data_d
     assert [h["epoch"] for h in res["history"]] == [1, 2] and len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert p.stdout.count("wrote ") == 1 and p.stdout.count("epoch 2/2") == 1          # rank 0 alone logs and writes
     assert load_run(out).state["epoch"] == 2
+
+
+def test_license_and_metadata_are_real():
+    root = Path(__file__).resolve().parents[1]
+    lic = (root / "LICENSE").read_text()
+    assert "Apache License" in lic and "Version 2.0, January 2004" in lic and "END OF TERMS AND CONDITIONS" in lic
+    settings = (root / "settings.ini").read_text()
+    assert "license = apache2" in settings and "example.org" not in settings and "example.com" not in settings
