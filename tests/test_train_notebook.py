@@ -21,13 +21,14 @@ def _execute(nb, out, **params):
 
 
 def _outputs(nb):
-    "(stream text, list of text/plain displays) of an executed notebook."
-    streams, plain = [], []
+    "(stream text, text/plain displays, text/html displays) of an executed notebook."
+    streams, plain, html = [], [], []
     for c in nb["cells"]:
         for o in c.get("outputs", []):
             if o["output_type"] == "stream": streams.append("".join(o["text"]))
-            elif "text/plain" in o.get("data", {}): plain.append("".join(o["data"]["text/plain"]))
-    return "".join(streams), plain
+            if "text/plain" in o.get("data", {}): plain.append("".join(o["data"]["text/plain"]))
+            if "text/html" in o.get("data", {}): html.append("".join(o["data"]["text/html"]))
+    return "".join(streams), plain, html
 
 
 def test_parameters_cell_is_the_declaration():
@@ -60,9 +61,9 @@ def test_short_run_learns_and_results_json_holds_what_was_shown(data_dir, tmp_pa
     steps = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])["step_losses"]
     assert len(steps) == 32 and sum(steps[-5:]) < 0.7 * sum(steps[:5]), steps
     # what the notebook displayed is what results.json holds (the tables are rebuilt from the file)
-    streams, plain = _outputs(out)
-    for name, table in results_tables(res["metrics"]).items():
-        if name != "time": assert repr(table) in plain, f"the {name} table shown differs from results.json"
+    streams, plain, html = _outputs(out)
+    for name, table in results_tables(res["metrics"]).items():          # (HTML: independent of the terminal's width)
+        if name != "time": assert table._repr_html_() in html, f"the {name} table shown differs from results.json"
     # labelled as a run on stand-in data: first output, the comparison with the paper, the file
     first = next(o for c in out["cells"] for o in c.get("outputs", []) if o["output_type"] == "stream" and o["name"] == "stdout")
     assert "".join(first["text"]).startswith("STAND-IN DATA: mnist_svhn_text")
