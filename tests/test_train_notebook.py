@@ -98,11 +98,12 @@ def test_bad_parameter_is_refused_before_any_work(params, message, tmp_path):
 
 def test_sweep_keys_folders_by_config_and_refuses_a_mismatched_one(data_dir, tmp_path):
     runs = tmp_path / "runs"
-    tiny = dict(epochs=1, batch_size=32, num_train=64, num_test=32, classifier_epochs=1, num_samples=2, loglik_max_test=8, device="cpu")
-    params = dict(dataset="mnist_svhn_text", models=["mopoe"], betas=[1.0, 5.0], runs_dir=str(runs), data_dir=str(data_dir), train_params=tiny)
+    tiny = dict(epochs=1, batch_size=32, num_train=96, num_test=32, classifier_epochs=1, num_samples=2, loglik_max_test=8,
+                device="cpu")                                 # the sizes of conftest.TINY: the data cache is shared
+    params = dict(dataset="mnist_svhn_text", models=["mopoe"], betas=[2.0], runs_dir=str(runs), data_dir=str(data_dir), train_params=tiny)
     out = _execute(SWEEP, tmp_path / "sweep_out.ipynb", **params)
     found = sorted(p.parent.name for p in runs.glob("*/results.json"))
-    assert [f.split("-")[0] for f in found] == ["mnist_svhn_text_mopoe_beta1", "mnist_svhn_text_mopoe_beta5"]
+    assert [f.split("-")[0] for f in found] == ["mnist_svhn_text_mopoe_beta2"]
     images = [o for c in out["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2                                   # Figure 1 and Figure 3
     assert all(len(f.split("-")[1]) == 10 for f in found)       # <readable name>-<config key>
