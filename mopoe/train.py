@@ -250,7 +250,7 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {e}{hint}") from None
     return state
 
-def latest_checkpoint(out_dir) -> tuple[dict, Path]:
+def latest_checkpoint(out_dir, move_damaged: bool = True) -> tuple[dict, Path]:
     "(state, path) of the newest intact checkpoint in out_dir, falling back to checkpoint.prev.pt with a warning."
     out = Path(out_dir); path, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
     if not path.exists() and not prev.exists():
@@ -260,7 +260,7 @@ def latest_checkpoint(out_dir) -> tuple[dict, Path]:
     if not prev.exists(): raise CheckpointError(why)
     try: state = load_checkpoint(prev)
     except CheckpointError as e2: raise CheckpointError(f"{why}; and {e2}") from None
-    if path.exists():                                    # keep the damaged file for inspection, out of the rotation
+    if move_damaged and path.exists():                   # keep the damaged file for inspection, out of the rotation
         aside = out / "checkpoint.damaged.pt"; os.replace(path, aside); why += f" (moved to {aside})"
     warnings.warn(f"{why.split(';')[0]}; using the previous checkpoint {prev} (epoch {state['epoch']}) instead")
     return state, prev
@@ -347,7 +347,7 @@ def check_out_dir(cfg: TrainConfig):
 
 def _resume(cfg, out, model, opt, rank):
     "Load the newest intact checkpoint into model and optimizer; returns (history, start epoch)."
-    state, path = latest_checkpoint(out)
+    state, path = latest_checkpoint(out, move_damaged=rank == 0)
     saved, mine = state["config"], asdict(cfg)
     diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in _RESUME_FREE and saved.get(k) != v}
     if not _paths_equal(saved.get("data_dir", cfg.data_dir), cfg.data_dir): diff["data_dir"] = (saved.get("data_dir"), cfg.data_dir)
@@ -502,7 +502,7 @@ class SavedRun(NamedTuple):
 
 def load_run(out_dir, device: str = "cpu") -> SavedRun:
     "The trained model (eval mode, on `device`), config and dataset info of a run folder, without building its data."
-    state, _ = latest_checkpoint(out_dir)
+    state, _ = latest_checkpoint(out_dir, move_damaged=False)      # reading changes nothing
     saved = {k: v for k, v in state["config"].items() if k in OPTIONS}
     cfg = resolve_config(saved, out_dir=str(out_dir), resume=False)
     info = info_from_dict(state["info"])
