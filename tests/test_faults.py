@@ -267,3 +267,14 @@ def test_resume_compares_paths_resolved(tmp_path, monkeypatch, reference):
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
     with pytest.raises(CheckpointError, match="another config: {'data_dir'"):
         train(cfg_for(out, resume=True, data_dir="other"), progress=False, data=DATA)
+
+
+def test_reload_falls_back_to_prev_and_changes_no_file(tmp_path):
+    from mopoe.train import load_run
+    out = two_epochs(tmp_path)
+    raw = bytearray((out / "checkpoint.pt").read_bytes()); raw[len(raw) // 2] ^= 0xFF
+    (out / "checkpoint.pt").write_bytes(bytes(raw))
+    before = snapshot(out)
+    with pytest.warns(UserWarning, match="using the previous checkpoint .*\\(epoch 1\\)"):
+        saved = load_run(out)
+    assert saved.state["epoch"] == 1 and not saved.model.training and snapshot(out) == before
