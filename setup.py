@@ -20,7 +20,7 @@ setuptools.setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     author=cfg["author"],
-    author_email=cfg["author_email"],
+    author_email=cfg.get("author_email") or None,
     license=lic[0],
     keywords=cfg["keywords"],
     classifiers=[

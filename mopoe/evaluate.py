@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm   # not tqdm.auto: without ipywidgets it warns "IProgress not found" in every notebook
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
@@ -91,7 +91,9 @@ def _info_dict(info) -> dict:
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 # %% ../nbs/08_evaluate.ipynb #c011
-CLASSIFIER_CACHE_VERSION = 1
+from .io import CorruptFileError, load_verified, save_verified
+
+CLASSIFIER_CACHE_VERSION = 2   # 2: verified plain-data file (mopoe.io)
 
 class Classifiers(dict):
     "Per-modality classifiers {modality: nn.Module}, frozen in eval mode, with their test `scores` and `metric`."
@@ -131,6 +133,21 @@ def classifier_accuracy(classifiers: dict, test_ds: Dataset, info, batch_size: i
     y = torch.cat(labels).numpy()
     return {m: _mean(average_precisions(y, torch.cat(s).numpy())) for m, s in scores.items()}
 
+def _load_classifier_cache(path, nets: dict, settings: dict, info) -> dict | None:
+    "The validated cache blob loaded into `nets`, or None (with a warning saying why) when it is missing or damaged."
+    if not path or not os.path.exists(path): return None
+    try:
+        blob = load_verified(path)                              # weights_only=True, digest checked
+        if not isinstance(blob, dict) or set(blob.get("state", {})) != set(nets):
+            raise CorruptFileError(f"{path} does not hold a classifier per modality {sorted(nets)}")
+        if blob.get("settings") != json.loads(json.dumps(settings, default=str)) or blob.get("info") != _info_dict(info):
+            raise CorruptFileError(f"{path} was written for other settings or data")
+        for m, net in nets.items(): net.load_state_dict(blob["state"][m])
+        return blob
+    except (CorruptFileError, RuntimeError, KeyError, TypeError) as e:
+        warnings.warn(f"classifier cache {path} is damaged or stale ({' '.join(str(e).split())[:300]}); retraining the classifiers")
+        return None
+
 def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, device=None,
                       cache_dir: str | None = None, seed: int = 0, test_ds: Dataset | None = None, arch: str | None = None,
                       max_train: int | None = None, progress: bool = True, **net_kw) -> Classifiers:
@@ -142,25 +159,27 @@ def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int 
     key = hashlib.sha1(json.dumps({"info": _info_dict(info), **settings}, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"classifiers_{info.name}_{key}.pt") if cache_dir else None
     with _fork_rng(device):
-        torch.manual_seed(seed)
-        nets = {m: make_classifier(info, m, arch=arch, **net_kw).to(device) for m in info.modalities}
-        blob = torch.load(path, map_location="cpu", weights_only=True) if path and os.path.exists(path) else None
-        if blob is not None:
-            for m, net in nets.items(): net.load_state_dict(blob["state"][m])
-        else:
+        def fresh():
+            torch.manual_seed(seed)
+            return {m: make_classifier(info, m, arch=arch, **net_kw).to(device) for m in info.modalities}
+        nets = fresh()
+        blob = _load_classifier_cache(path, nets, settings, info)
+        if blob is None:
+            nets = fresh()                                     # a damaged cache may have loaded into some nets
             params = [p for net in nets.values() for p in net.parameters()]
             opt = torch.optim.Adam(params, lr=lr)
             loader = _loader(train_ds, batch_size, shuffle=True, seed=seed)
             for net in nets.values(): net.train()
             bar = tqdm(total=epochs * len(loader), desc=f"classifiers {info.name}", disable=not progress)
             for epoch in range(epochs):
-                for x, y in loader:
+                for i, (x, y) in enumerate(loader):
                     y = y.to(device)
                     if info.multilabel: losses = {m: F.binary_cross_entropy_with_logits(net(x[m].to(device)), y.float()) for m, net in nets.items()}
                     else: losses = {m: F.cross_entropy(net(x[m].to(device)), y.long()) for m, net in nets.items()}
                     loss = sum(losses.values())
                     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-                    bar.update(1); bar.set_postfix(epoch=epoch, loss=f"{loss.item() / len(nets):.3f}")
+                    bar.update(1)
+                    if progress and i % 20 == 0: bar.set_postfix(epoch=epoch, loss=f"{loss.item() / len(nets):.3f}")
             bar.close()
     _freeze(nets, device)
     loaded = blob is not None
@@ -169,12 +188,13 @@ def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int 
         scores = classifier_accuracy(nets, test_ds, info, device=device)
         blob = None                                                        # (re)write the cache with the new scores
     if path and blob is None:
-        atomic_save({"state": {m: {k: v.cpu() for k, v in net.state_dict().items()} for m, net in nets.items()},
-                     "scores": scores, "n_test": None if test_ds is None else len(test_ds), "settings": json.loads(json.dumps(settings, default=str)),
-                     "info": _info_dict(info)}, path)
+        save_verified({"state": {m: {k: v.cpu() for k, v in net.state_dict().items()} for m, net in nets.items()},
+                       "scores": scores, "n_test": None if test_ds is None else len(test_ds),
+                       "settings": json.loads(json.dumps(settings, default=str)), "info": _info_dict(info)}, path)
     out = Classifiers(nets, scores, _metric_name(info), path, from_cache=loaded)
     if progress: print(out)
     return out
+
 
 # %% ../nbs/08_evaluate.ipynb #c017
 class _Constant:

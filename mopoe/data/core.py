@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05a_data_core.ipynb #c002
 from __future__ import annotations
-import hashlib, inspect, json, os, string, tempfile, time, warnings
+import hashlib, inspect, io, json, os, string, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from ..io import atomic_write
 
 # %% auto #0
 __all__ = ['ALPHABET', 'CACHE_FORMAT', 'DATASETS', 'SOURCES', 'text_to_indices', 'encode_text', 'decode_text', 'DatasetInfo',
@@ -165,19 +167,10 @@ def cache_path(root, name: str, key: dict) -> Path:
     return Path(root) / name / f"{name}-{hashlib.sha1(s.encode()).hexdigest()[:12]}.pt"
 
 def atomic_save(obj, path) -> None:
-    "torch.save to a temp file in the same folder, fsync, then os.replace onto `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    try:  # make the rename durable too (best effort; not all platforms allow opening folders)
-        dfd = os.open(path.parent, os.O_RDONLY); os.fsync(dfd); os.close(dfd)
-    except OSError: pass
+    "torch.save `obj` to `path` all-or-nothing: `mopoe.io.atomic_write` (fsynced temp file, rename; disk full -> DiskFullError)."
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
 
 def save_cache(path, key: dict, splits: dict) -> None:
     "Write `splits` (split -> payload dict of tensors) with key, format and checksums."
