@@ -63,6 +63,7 @@ class Objective:
         return f"{type(self).__name__}(prior_expert={self.prior_expert!r}, kl={self.kl!r}, sampling={self.sampling!r})  # {self.equation}"
 
     private_kl_weight = 1.0                                              # times the private latents' KL enters the loss
+    representation = "mixture_mean"                                      # a subset's latent representation (`subset_means`)
 
     def subsets(self, num_modalities: int, device=None) -> Tensor:
         "The rows of `subset_mask` the objective's joint posterior mixes (cached per size and device)."
@@ -118,6 +119,7 @@ class MoPoE(MixtureELBO):
 class MMVAE(MixtureELBO):
     "MMVAE as the paper compares it: the mixture of the unimodal experts (Eq. 9-10), KL averaged over the experts."
     name, equation, default_prior_expert = "mmvae", "Eq. 9-10: the mixture of the unimodal posteriors", "none"
+    representation = "one_expert_per_row"                                # the authors': one unimodal mean per row
 
 # %% ../nbs/02_objectives.ipynb #c007
 class MVAE(Objective):
