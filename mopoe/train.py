@@ -47,7 +47,7 @@ CPU_PRESETS = {   # chosen by measurement on a 2-core CPU, offline data (see REA
 class TrainConfig:
     "A training run: dataset, objective, optimization and where things go. None = the preset's value."
     dataset: str = "mnist_svhn_text"    # polymnist | mnist_svhn_text | celeba
-    model: str = "mopoe"                # mopoe | mvae | mmvae | powerset (Eq. 5)
+    model: str = "mopoe"                # mopoe | mvae | mmvae | subset_elbos (Eq. 5)
     preset: str = "cpu"                 # cpu | paper
     beta: float | None = None           # weight of the KL term
     beta_warmup: int | None = None      # steps over which the KL weight rises linearly from 0 to beta (0: none)
@@ -65,9 +65,9 @@ class TrainConfig:
     num_test: int | None = None         # use only this many test tuples (None: all)
     resume: bool = False                # continue from out_dir/checkpoint.pt
     amp: bool = False                   # bf16 autocast (CUDA only)
-    prior_expert: str = "full"          # none | full | all: where the N(0, I) expert joins the product
+    prior_expert: str = "auto"          # auto (the objective's own) | none | full | all: where the N(0, I) expert joins the product
     likelihood_scale: float = 0.75      # scale of the Laplace image likelihood
-    kl: str = "exact"                   # exact | sampled: the average KL over subsets, or each row's own subset's KL
+    kl: str = "auto"                    # auto | subset_average | subset_sample | row_subset: how the subset-average KL is computed
 
 def _choices(name, value, options):
     if value not in options: raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, options))}")

@@ -6,7 +6,7 @@ import papermill as pm
 import pytest
 
 NB = Path(__file__).resolve().parents[1] / "nbs" / "train.ipynb"
-MODELS = ("mopoe", "mvae", "mmvae", "powerset")
+MODELS = ("mopoe", "mvae", "mmvae", "subset_elbos")
 DATASETS = ("polymnist", "mnist_svhn_text", "celeba")
 
 
@@ -29,14 +29,14 @@ def test_train_notebook(dataset, model, data_dir, tmp_path):
     assert (out_dir / "checkpoint.pt").exists() and len((out_dir / "metrics.jsonl").read_text().splitlines()) == 1
     m = res["metrics"]
     num_subsets = 2 ** len(res["data"]["modalities"]) - 1
-    assert len(m["latent"]["per_subset"]) == num_subsets and len(m["loglik"]["conditional"]) == num_subsets
-    assert all(-1e7 < v < 0 for v in m["loglik"]["conditional"].values())
+    assert len(m["latent"]["per_subset"]) == num_subsets and len(m["loglik"]["X_with_proposal_from"]) == num_subsets
+    assert all(-1e7 < v < 0 for v in m["loglik"]["X_with_proposal_from"].values())
     joint = m["coherence"]["joint"] if dataset != "celeba" else m["coherence"]["joint_attribute_agreement"]
     assert 0.0 <= joint <= 1.0                                # CelebA: 40 attributes, no single joint label
 
 
 def test_bad_parameter_is_rejected_with_choices(tmp_path):
-    with pytest.raises(pm.PapermillExecutionError, match="mopoe, mvae, mmvae, powerset"):
+    with pytest.raises(pm.PapermillExecutionError, match="mopoe, mvae, mmvae, subset_elbos"):
         pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), parameters=dict(model="poe"), progress_bar=False,
                             kernel_name="python3")
 
