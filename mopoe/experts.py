@@ -138,16 +138,16 @@ class _MeanSubsetKL(torch.autograd.Function):
             e.add_(t).addcmul_(n, n)                                       # log T + r + m^2
             if a is None: acc.add_(e.sum(0)).sub_(k)                       # ... - 1, summed over the chunk
             else:                                                          # per-row weights a (K, B) of the subsets
-                ac = a[c:c + chunk, :, None].expand(k, B, D).reshape(k, B * D)
-                acc.add_(e.sub_(1).mul_(ac).sum(0))
+                ac = a[c:c + chunk, :, None]                                # (k, B, 1), broadcast over D
+                acc.add_(e.sub_(1).view(k, B, D).mul_(ac).view(k, B * D).sum(0))
             if grad:
                 torch.mul(n, t, out=e)                                     # dKL/dN = m r
-                if a is not None: e.mul_(ac)
+                if a is not None: e.view(k, B, D).mul_(ac)
                 gN.addmm_(wc.T, e)
                 n.mul_(n)
                 torch.add(t, n, alpha=2, out=e).mul_(t)
                 torch.sub(t, e, out=e)                                     # 2 dKL/dT = r - r^2 - 2 m^2 r
-                if a is not None: e.mul_(ac)
+                if a is not None: e.view(k, B, D).mul_(ac)
                 gT.addmm_(wc.T, e, alpha=0.5)
         if grad:
             gT, gN = gT.view(M, B, D), gN.view(M, B, D)
