@@ -177,8 +177,11 @@ def _subset_means(self: MultimodalVAE, x: dict, mask: Tensor | None = None, expe
     means, _ = poe(mu, lv, allm, prior_flags(allm, self.prior_expert))                    # (U, B, D)
     if self.objective.representation == "one_expert_per_row":                           # the authors' MMVAE
         B = mu.shape[1]
-        pick = torch.stack([nz[(torch.arange(B) * len(nz)) // B] for nz in (r.nonzero().flatten() for r in A[:, used])])
-        return means[pick.to(mu.device), torch.arange(B, device=mu.device)]             # (S, B, D)
+        key = (mask.cpu().numpy().tobytes(), B, str(mu.device))
+        cache = self.__dict__.setdefault("_pick_cache", {})                            # bookkeeping once per mask and B
+        if key not in cache:
+            cache[key] = torch.stack([nz[(torch.arange(B) * len(nz)) // B] for nz in (r.nonzero().flatten() for r in A[:, used].cpu())]).to(mu.device)
+        return means[cache[key], torch.arange(B, device=mu.device)]                    # (S, B, D)
     return torch.einsum("su,ubd->sbd", A[:, used], means)
 
 MultimodalVAE.component_weights = _component_weights
