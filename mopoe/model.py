@@ -63,7 +63,6 @@ class MultimodalVAE(nn.Module):
         return torch.tensor([m in names for m in self.modalities], device=self.subsets.device)
 
 # %% ../nbs/04_model.ipynb #c010
-@torch.no_grad()
 def _prepare(self: MultimodalVAE, x: dict, observed: Tensor | None = None, require_all: bool = False):
     "Validate a batch and return (data cast to the model's dtype, missing entries replaced; observed (B, M) or None)."
     if not isinstance(x, dict): raise TypeError(f"a batch is a dict of modality tensors, got {type(x).__name__}")
