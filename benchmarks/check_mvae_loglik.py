@@ -56,7 +56,7 @@ def main(argv=None):
         ll = {n: model.log_likelihood(xt, given=[m for m, on in zip(mods, r.tolist()) if on]).mean().item()
               for n, r in zip(names, mask) if r.sum() in (1, 2, len(mods))}
         by = {k: sum(v for n, v in ll.items() if len(n.split(",")) == k) / sum(1 for n in ll if len(n.split(",")) == k) for k in (1, 2, len(mods))}
-        out["results"][label] = {"train_seconds": time.perf_counter() - t, "final_loss": float(loss), "loglik": ll, "by_size": by}
+        out["results"][label] = {"train_seconds": time.perf_counter() - t, "final_loss": float(loss.detach()), "loglik": ll, "by_size": by}
         print(f"{label}: log p(X) estimate, proposal from 1 input {by[1]:.4g}, 2 inputs {by[2]:.4g}, all ('X') {by[len(mods)]:.4g} nats",
               flush=True)
     if a.json:
