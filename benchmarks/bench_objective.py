@@ -9,9 +9,13 @@ on synthetic tensors of PolyMNIST's shape and times, interleaved in one process,
   encoded, reparameterized with its own Gaussian, decoded by its own decoder, Laplace log-likelihood minus
   beta * KL(q(z|x_m) || N(0, I)), summed over modalities, mean over the batch. Same network work as MoPoE
   (M encoder passes, M decoder passes over B rows), no fusion.
-- ``mopoe``, ``mvae``, ``mmvae``, ``powerset`` (Eq. 5): `mopoe.model.MultimodalVAE.loss` with that objective.
-  ``powerset`` decodes every subset (2^M - 1 times M decoder passes); it is measured up to
-  ``--powerset-max-m`` and extrapolated (clearly marked) beyond.
+- ``mopoe``, ``mvae``, ``mmvae``, ``subset_elbos`` (Eq. 5): `mopoe.model.MultimodalVAE.loss` with that objective and
+  its default settings (MoPoE: ``kl="auto"``; MVAE: the prior expert in every product and the unimodal ELBOs, which
+  decode every modality a second time). ``subset_elbos`` decodes every subset (2^M - 1 times M decoder passes); it is
+  measured up to ``--powerset-max-m`` and extrapolated (clearly marked) beyond.
+- ``mopoe_masked``: MoPoE with a per-tuple availability mask (each modality of each tuple missing with probability
+  0.25, at least one kept; the missing entries hold NaN) – the cost of per-tuple subsets.
+- ``mopoe_exact``: MoPoE with ``kl="subset_average"`` (the exact subset-average KL, the default before ``auto``).
 
 and separately the fusion alone on random experts (M, B, D) that require grad: MixtureOfProducts
 + stratified component ids + rsample + mean_kl (the exact KL of every subset) + backward with a random
@@ -41,7 +45,8 @@ import sys
 import time
 from types import SimpleNamespace
 
-VARIANTS = ("bare", "mopoe", "mvae", "mmvae", "powerset")
+VARIANTS = ("bare", "mopoe", "mopoe_masked", "mopoe_exact", "mvae", "mmvae", "subset_elbos")
+MISSING_RATE = 0.25
 
 
 def _rss_mb() -> float:
@@ -83,9 +88,20 @@ def build(variant: str, M: int, latent: int, seed: int = 0, beta: float = 2.5, s
     torch.manual_seed(seed)
     enc, dec = make_networks(info, latent, 0)
     liks = {m: get_likelihood("laplace", scale=scale) for m in info.modalities}
-    objective = "mopoe" if variant == "bare" else variant
+    objective = "mopoe" if variant in ("bare", "mopoe_masked", "mopoe_exact") else variant
+    kl = "subset_average" if variant == "mopoe_exact" else "auto"
     return MultimodalVAE(enc, dec, liks, latent, 0, objective, beta, default_rec_weights(info.data_dims),
-                         "full", shapes=info.shapes)
+                         shapes=info.shapes, kl=kl)
+
+
+def make_observed(M: int, batch: int, rate: float = MISSING_RATE, seed: int = 3):
+    "A (B, M) availability mask: each entry missing with probability `rate`, at least one modality per tuple."
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.rand(batch, M, generator=g) >= rate
+    keep = torch.randint(M, (batch,), generator=g)
+    obs[torch.arange(batch), keep] = True
+    return obs
 
 
 def bare_loss(model, x: dict):
@@ -105,7 +121,13 @@ def make_step(variant: str, model, x: dict, lr: float = 1e-3):
     "A closure running one training step of `variant` (zero_grad, forward, backward, Adam step)."
     import torch
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = (lambda: bare_loss(model, x)) if variant == "bare" else (lambda: model.loss(x)[0])
+    if variant == "mopoe_masked":
+        import torch
+        M, B = len(x), next(iter(x.values())).shape[0]
+        obs = make_observed(M, B)
+        x = {m: torch.where(obs[:, i, None, None, None], t, torch.full_like(t, float("nan"))) for i, (m, t) in enumerate(x.items())}
+        loss_fn = lambda: model.loss(x, observed=obs)[0]
+    else: loss_fn = (lambda: bare_loss(model, x)) if variant == "bare" else (lambda: model.loss(x)[0])
     def step():
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
@@ -122,10 +144,11 @@ def make_data(M: int, batch: int, seed: int = 1):
     return {f"m{i}": torch.rand(batch, 3, 28, 28, generator=g) for i in range(M)}
 
 
-def make_fusion(M: int, batch: int, latent: int, kl: str = "exact", seed: int = 2):
-    "A closure timing the fusion alone on random experts: rsample + KL over the subsets + backward."
+def make_fusion(M: int, batch: int, latent: int, kl: str = "subset_average", seed: int = 2):
+    "A closure timing the fusion alone on random experts: rsample + the KL estimator `kl` + backward."
     import torch
-    from mopoe.experts import MixtureOfProducts, component_ids, subset_mask, poe_rows, gaussian_kl
+    from mopoe.experts import MixtureOfProducts, component_ids, subset_mask, poe_rows, gaussian_kl, sampled_subset_kl
+    from mopoe.objectives import KL_SAMPLES
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(M, batch, latent, generator=g).requires_grad_()
     lv = (0.5 * torch.randn(M, batch, latent, generator=g)).requires_grad_()
@@ -136,26 +159,40 @@ def make_fusion(M: int, batch: int, latent: int, kl: str = "exact", seed: int = 
         q = MixtureOfProducts(mu, lv, mask, "full")
         ids = component_ids(q.num_components, batch, "stratified")
         z = q.rsample(ids=ids)
-        if kl == "exact": k = q.mean_kl()
-        else: k = gaussian_kl(*poe_rows(mu, lv, mask[ids], q.prior[ids]))     # KL of the drawn component
+        if kl == "subset_average": k = q.mean_kl()
+        elif kl == "subset_sample": k = sampled_subset_kl(mu, lv, mask, q.prior, KL_SAMPLES)
+        else: k = gaussian_kl(*poe_rows(mu, lv, mask[ids], q.prior[ids]))     # row_subset: KL of the drawn component
         ((z * gz).sum(-1) + k).mean().backward()
         return float(k.mean().detach())
     return fusion, (mu, lv, mask)
 
 
 def sampled_kl_spread(mu, lv, mask, draws: int = 30) -> dict:
-    "Exact batch-mean KL and the mean/std over draws of the sampled (one component per row) estimate."
+    "Exact batch-mean KL and, per sampled estimator, the mean/std over draws of its batch mean and of one row's value."
     import torch
-    from mopoe.experts import MixtureOfProducts, component_ids, poe_rows, gaussian_kl
+    from mopoe.experts import MixtureOfProducts, component_ids, poe_rows, gaussian_kl, sampled_subset_kl
+    from mopoe.objectives import KL_SAMPLES
     with torch.no_grad():
         q = MixtureOfProducts(mu, lv, mask, "full")
-        exact = float(q.mean_kl().mean())
-        est = []
+        exact_rows = q.mean_kl()
+        exact = float(exact_rows.mean())
+        est = {"row_subset": [], "subset_sample": []}
         for _ in range(draws):
             ids = component_ids(q.num_components, mu.shape[1], "stratified")
-            est.append(float(gaussian_kl(*poe_rows(mu, lv, mask[ids], q.prior[ids])).mean()))
-    return {"exact_batch_mean_kl": exact, "sampled_mean": statistics.fmean(est),
-            "sampled_std": statistics.stdev(est), "relative_std": statistics.stdev(est) / exact, "draws": draws}
+            est["row_subset"].append(gaussian_kl(*poe_rows(mu, lv, mask[ids], q.prior[ids])))
+            est["subset_sample"].append(sampled_subset_kl(mu, lv, mask, q.prior, KL_SAMPLES))
+    out = {"exact_batch_mean_kl": exact, "draws": draws}
+    for name, rows in est.items():
+        rows = torch.stack(rows)                                           # (draws, B)
+        means = rows.mean(1).tolist()
+        out[name] = {"batch_mean": statistics.fmean(means), "batch_mean_std": statistics.stdev(means),
+                     "relative_std_batch": statistics.stdev(means) / exact,
+                     "relative_std_per_row": float((rows.std(0) / exact_rows).mean()),
+                     "bias_in_standard_errors": (statistics.fmean(means) - exact) / (statistics.stdev(means) / draws ** 0.5)}
+    # the earlier field names: the one-component-per-row estimator
+    out.update(sampled_mean=out["row_subset"]["batch_mean"], sampled_std=out["row_subset"]["batch_mean_std"],
+               relative_std=out["row_subset"]["relative_std_batch"])
+    return out
 
 
 def _summary(ts):
@@ -183,7 +220,7 @@ def child_memory(variant: str, M: int, batch: int, latent: int, threads: int) ->
     torch.set_num_threads(threads)
     after_import = _rss_mb()
     if variant in ("fusion", "fusion_sampled_kl"):
-        f, _ = make_fusion(M, batch, latent, "exact" if variant == "fusion" else "sampled")
+        f, _ = make_fusion(M, batch, latent, "subset_average" if variant == "fusion" else "row_subset")
     else:
         f = make_step(variant, build(variant, M, latent), make_data(M, batch))
     before = _rss_mb()
@@ -205,12 +242,12 @@ def measure_memory(variant: str, M: int, args) -> dict:
 
 
 def powerset_fit(results: list) -> dict | None:
-    "Least-squares fit of powerset - bare step time against (2^M - 1) * M decoder passes, from the measured M."
-    pts = [(r["subsets"] * r["M"], r["times"]["powerset"]["median"] - r["times"]["bare"]["median"])
-           for r in results if "powerset" in r["times"]]
+    "Least-squares fit of subset_elbos - bare step time against (2^M - 1) * M decoder passes, from the measured M."
+    pts = [(r["subsets"] * r["M"], r["times"]["subset_elbos"]["median"] - r["times"]["bare"]["median"])
+           for r in results if "subset_elbos" in r["times"]]
     if not pts: return None
     c = sum(x * y for x, y in pts) / sum(x * x for x, _ in pts)
-    return {"seconds_per_subset_decoder_pass": c, "from_M": [r["M"] for r in results if "powerset" in r["times"]]}
+    return {"seconds_per_subset_decoder_pass": c, "from_M": [r["M"] for r in results if "subset_elbos" in r["times"]]}
 
 
 def machine_info(threads: int) -> dict:
@@ -231,30 +268,36 @@ def run(args) -> dict:
     res = {"machine": machine_info(args.threads), "settings": {
         "batch": args.batch, "latent": args.latent, "repeats": args.repeats, "modalities": args.modalities,
         "threads": args.threads, "quick": args.quick, "powerset_max_m": args.powerset_max_m,
-        "beta": 2.5, "likelihood": "laplace(scale=0.75)", "prior_expert": "full", "optimizer": "Adam(lr=1e-3)",
+        "beta": 2.5, "likelihood": "laplace(scale=0.75)", "prior_expert": "auto", "kl": "auto", "optimizer": "Adam(lr=1e-3)",
+        "missing_rate_of_mopoe_masked": MISSING_RATE,
         "bare": "M independent single-Gaussian VAEs on the same encoders/decoders (Laplace log-lik - beta*KL)"},
         "results": []}
     t_start = time.perf_counter()
     for M in args.modalities:
-        variants = [v for v in VARIANTS if v != "powerset" or M <= args.powerset_max_m]
+        variants = [v for v in VARIANTS if v != "subset_elbos" or M <= args.powerset_max_m]
         x = make_data(M, args.batch)
         fns = {v: make_step(v, build(v, M, args.latent), x) for v in variants}
-        fus, experts = make_fusion(M, args.batch, args.latent, "exact")
-        fus_s, _ = make_fusion(M, args.batch, args.latent, "sampled")
-        fns["fusion"], fns["fusion_sampled_kl"] = fus, fus_s
+        fus, experts = make_fusion(M, args.batch, args.latent, "subset_average")
+        fus_s, _ = make_fusion(M, args.batch, args.latent, "row_subset")
+        fus_ss, _ = make_fusion(M, args.batch, args.latent, "subset_sample")
+        fns["fusion"], fns["fusion_sampled_kl"], fns["fusion_subset_sample"] = fus, fus_s, fus_ss
         times = time_interleaved(fns, args.repeats)
         bare = times["bare"]["median"]
         r = {"M": M, "subsets": 2 ** M - 1,
              "times": {v: times[v] for v in variants},
              "ratio_to_bare": {v: times[v]["median"] / bare for v in variants},
+             "masked_over_complete": times["mopoe_masked"]["median"] / times["mopoe"]["median"],
              "fusion": times["fusion"], "fusion_sampled_kl": times["fusion_sampled_kl"],
+             "fusion_subset_sample": times["fusion_subset_sample"],
              "fusion_fraction_of_mopoe_step": times["fusion"]["median"] / times["mopoe"]["median"],
              "fusion_per_subset_element_ns": times["fusion"]["median"] / ((2 ** M - 1) * args.batch * args.latent) * 1e9,
              "sampled_kl": sampled_kl_spread(*experts)}
-        del fns, x, fus, fus_s, experts; gc.collect()
+        del fns, x, fus, fus_s, fus_ss, experts; gc.collect()
         if M in args.memory_modalities:
             mem = {v: measure_memory(v, M, args) for v in variants + ["fusion"] if v in args.memory_variants}
             r["memory"] = mem
+            if "peak_rss_mb" in mem.get("mopoe", {}) and "peak_rss_mb" in mem.get("mopoe_masked", {}):
+                r["memory_masked_over_complete"] = mem["mopoe_masked"]["peak_rss_mb"] / mem["mopoe"]["peak_rss_mb"]
             if "peak_rss_mb" in mem["bare"]:
                 r["memory_ratio_to_bare"] = {v: m["peak_rss_mb"] / mem["bare"]["peak_rss_mb"]
                                              for v, m in mem.items() if "peak_rss_mb" in m}
@@ -266,7 +309,7 @@ def run(args) -> dict:
     if fit:
         res["powerset_fit"] = fit
         for r in res["results"]:
-            if "powerset" not in r["times"]:
+            if "subset_elbos" not in r["times"]:
                 t = r["times"]["bare"]["median"] + fit["seconds_per_subset_decoder_pass"] * r["subsets"] * r["M"]
                 r["powerset_extrapolated"] = {"seconds": t, "ratio_to_bare": t / r["times"]["bare"]["median"]}
     res["machine"]["loadavg_end"] = os.getloadavg()
@@ -284,6 +327,13 @@ def check_targets(results: list) -> dict:
     if 10 in by and "memory_ratio_to_bare" in by[10]:
         v = by[10]["memory_ratio_to_bare"].get("mopoe")
         if v is not None: t["mopoe_peak_memory_le_1.5x_bare_at_M10"] = {"value": v, "met": v <= 1.5}
+    for M in (5, 10):
+        if M in by:
+            v = by[M]["masked_over_complete"]
+            t[f"masked_step_within_5pct_of_complete_at_M{M}"] = {"value": v, "met": abs(v - 1) <= 0.05}
+            if "memory_masked_over_complete" in by[M]:
+                v = by[M]["memory_masked_over_complete"]
+                t[f"masked_peak_memory_within_5pct_at_M{M}"] = {"value": v, "met": abs(v - 1) <= 0.05}
     if 12 in by:
         t["fusion_fraction_of_step_at_M12"] = {"value": by[12]["fusion_fraction_of_mopoe_step"],
                                                "met": by[12]["fusion_fraction_of_mopoe_step"] <= 0.1}
@@ -296,29 +346,34 @@ def format_row(r: dict) -> str:
     for v in VARIANTS[1:]:
         if v in tm: cells.append(f"{v} {tm[v]['median']:.3f}s ({r['ratio_to_bare'][v]:.2f}x)")
     cells.append(f"fusion {r['fusion']['median']:.3f}s ({100 * r['fusion_fraction_of_mopoe_step']:.0f}% of mopoe step)")
-    cells.append(f"fusion(sampled KL) {r['fusion_sampled_kl']['median']:.3f}s")
+    cells.append(f"fusion(row_subset KL) {r['fusion_sampled_kl']['median']:.3f}s")
+    cells.append(f"fusion(subset_sample KL) {r['fusion_subset_sample']['median']:.3f}s")
+    cells.append(f"masked/complete {r['masked_over_complete']:.3f}")
     return " | ".join(cells)
 
 
 def format_table(res: dict) -> str:
     "A markdown table of the run."
-    rows = ["| M | subsets | bare (s) | mopoe | mvae | mmvae | powerset (Eq. 5) | fusion (s) | fusion / mopoe step | "
-            "fusion, sampled KL (s) | peak RSS bare (GB) | peak RSS mopoe (GB) | mopoe / bare memory |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| M | subsets | bare (s) | mopoe (default) | mopoe masked | masked / complete | mopoe, exact KL | mvae | mmvae | "
+            "subset_elbos (Eq. 5) | fusion, exact KL (s) | fusion, subset_sample (s) | fusion, row_subset (s) | "
+            "peak RSS bare (GB) | peak RSS mopoe (GB) | mopoe / bare memory | masked / complete memory |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         tm, ra = r["times"], r["ratio_to_bare"]
         cell = lambda v: f"{tm[v]['median']:.3f} s ({ra[v]:.2f}×)" if v in tm else "–"
-        if "powerset" in tm: ps = cell("powerset")
+        if "subset_elbos" in tm: ps = cell("subset_elbos")
         elif "powerset_extrapolated" in r:
             e = r["powerset_extrapolated"]; ps = f"≈{e['seconds']:.0f} s ({e['ratio_to_bare']:.0f}×), extrapolated"
         else: ps = "–"
         mem = r.get("memory", {})
         gb = lambda v: f"{mem[v]['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in mem.get(v, {}) else "–"
         mr = r.get("memory_ratio_to_bare", {}).get("mopoe")
-        rows.append(f"| {r['M']} | {r['subsets']} | {tm['bare']['median']:.3f} | {cell('mopoe')} | {cell('mvae')} | "
-                    f"{cell('mmvae')} | {ps} | {r['fusion']['median']:.3f} | {100 * r['fusion_fraction_of_mopoe_step']:.1f}% | "
+        mm = r.get("memory_masked_over_complete")
+        rows.append(f"| {r['M']} | {r['subsets']} | {tm['bare']['median']:.3f} | {cell('mopoe')} | {cell('mopoe_masked')} | "
+                    f"{r['masked_over_complete']:.3f} | {cell('mopoe_exact')} | {cell('mvae')} | "
+                    f"{cell('mmvae')} | {ps} | {r['fusion']['median']:.3f} | {r['fusion_subset_sample']['median']:.3f} | "
                     f"{r['fusion_sampled_kl']['median']:.3f} | {gb('bare')} | {gb('mopoe')} | "
-                    f"{'–' if mr is None else f'{mr:.2f}×'} |")
+                    f"{'–' if mr is None else f'{mr:.2f}×'} | {'–' if mm is None else f'{mm:.3f}'} |")
     return "\n".join(rows)
 
 
@@ -342,7 +397,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.batch, a.latent, a.repeats, a.modalities, a.threads = 8, 16, 2, [2, 3], 1
-        a.memory_variants = ["bare", "mopoe"]
+        a.memory_variants = ["bare", "mopoe", "mopoe_masked"]
     if a.memory_modalities is None: a.memory_modalities = a.modalities[:1] if a.quick else list(a.modalities)
     return a
 

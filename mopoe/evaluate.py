@@ -355,7 +355,7 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
             correct, gen_scores = torch.zeros(len(names), M, dtype=torch.float64), [[[] for _ in mods] for _ in names]
             real_correct, real_scores = torch.zeros(M, dtype=torch.float64), [[] for _ in mods]
         labels, seen = [], 0
-        if "loglik" in metrics: ll_joint, ll_sub = 0.0, torch.zeros(len(names), dtype=torch.float64)
+        if "loglik" in metrics: ll_mix, ll_sub = 0.0, torch.zeros(len(names), dtype=torch.float64)
         for x, y in tqdm(_loader(test, batch_size), desc="evaluate", disable=not progress):
             x = _to(x, device); B = len(y)
             t = time.perf_counter()
@@ -381,7 +381,7 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
             if "loglik" in metrics and seen < n_ll:
                 t = time.perf_counter()
                 for xs, exs in _chunks(x, ex, min(B, n_ll - seen), max(1, loglik_decode_batch // num_samples)):
-                    ll_joint += model.log_likelihood(xs, num_samples=num_samples, experts=exs).double().sum().item()
+                    ll_mix += model.log_likelihood(xs, num_samples=num_samples, experts=exs, proposal="training_mixture").double().sum().item()
                     for s, sub in enumerate(names):
                         ll_sub[s] += model.log_likelihood(xs, given=givens[sub], num_samples=num_samples, experts=exs).double().sum().item()
                 T["loglik"] += time.perf_counter() - t
@@ -404,9 +404,9 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
             res["classifiers"] = {m: float(real_correct[j] / N) for j, m in enumerate(mods)}
         coh["by_size"] = _by_size_coherence(coh["conditional"], givens, mods)
     if "loglik" in metrics:
-        cond = {n: float(ll_sub[s] / n_ll) for s, n in enumerate(names)}
-        res["loglik"] = {"joint": float(ll_joint / n_ll), "conditional": cond,
-                         "by_size": {str(k): _mean(v for n, v in cond.items() if sizes[n] == k) for k in range(1, M + 1)}}
+        per = {n: float(ll_sub[s] / n_ll) for s, n in enumerate(names)}
+        res["loglik"] = {"X": per[names[-1]], "X_with_proposal_from": per, "X_training_mixture": float(ll_mix / n_ll),
+                         "by_size": {str(k): _mean(v for n, v in per.items() if sizes[n] == k) for k in range(1, M + 1)}}
         res["n"]["loglik"] = n_ll
     T["total"] = time.perf_counter() - t_start
     T["other"] = T["total"] - sum(v for k, v in T.items() if k != "total")
@@ -426,7 +426,8 @@ def results_tables(result: dict) -> dict:
         out["coherence"] = pd.DataFrame({n: c["conditional"][n] for n in subsets}).loc[result["modalities"]].rename_axis(index="target", columns="given")
     if "loglik" in result:
         ll = result["loglik"]
-        out["loglik"] = pd.DataFrame([{"X": ll["joint"], **{f"X|{n}": ll["conditional"][n] for n in subsets}}], index=["nats"])
+        out["loglik"] = pd.DataFrame([{"X": ll["X"], **{f"X; q(z|{n})": ll["X_with_proposal_from"][n] for n in subsets},
+                                       "X; training mixture": ll["X_training_mixture"]}], index=["nats"])
     by = {}
     if "latent" in result: by["latent"] = result["latent"]["by_size"]
     if "coherence" in result:

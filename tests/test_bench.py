@@ -24,14 +24,17 @@ def test_bench_objective_quick(tmp_path):
     assert res["settings"]["quick"] and [r["M"] for r in res["results"]] == [2, 3]
     for r in res["results"]:
         assert r["subsets"] == 2 ** r["M"] - 1
-        assert set(r["times"]) == {"bare", "mopoe", "mvae", "mmvae", "powerset"}
+        assert set(r["times"]) == {"bare", "mopoe", "mopoe_masked", "mopoe_exact", "mvae", "mmvae", "subset_elbos"}
         assert all(_positive(t) for t in r["times"].values())
         assert all(v > 0 for v in r["ratio_to_bare"].values())
-        assert _positive(r["fusion"]) and _positive(r["fusion_sampled_kl"])
+        assert _positive(r["fusion"]) and _positive(r["fusion_sampled_kl"]) and _positive(r["fusion_subset_sample"])
+        assert r["masked_over_complete"] > 0
+        assert r["sampled_kl"]["subset_sample"]["batch_mean_std"] >= 0
         assert 0 < r["fusion_fraction_of_mopoe_step"] and r["fusion_per_subset_element_ns"] > 0
         assert r["sampled_kl"]["exact_batch_mean_kl"] > 0 and r["sampled_kl"]["sampled_std"] >= 0
     mem = res["results"][0]["memory"]
-    assert {"bare", "mopoe"} <= set(mem)
+    assert {"bare", "mopoe", "mopoe_masked"} <= set(mem)
+    assert res["results"][0]["memory_masked_over_complete"] > 0
     for m in mem.values():
         assert m["peak_rss_mb"] > 0 and m["after_import_mb"] > 0 and m["peak_rss_mb"] >= m["after_import_mb"]
     assert res["results"][0]["memory_ratio_to_bare"]["mopoe"] > 0

@@ -81,12 +81,12 @@ def test_other_datasets_run(dataset, data_dir, tmp_path):
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     M = len(res["data"]["modalities"])
     assert res["data"]["name"] == dataset and M == (3 if dataset == "polymnist" else 2)
-    assert len(res["metrics"]["latent"]["per_subset"]) == 2 ** M - 1 == len(res["metrics"]["loglik"]["conditional"])
+    assert len(res["metrics"]["latent"]["per_subset"]) == 2 ** M - 1 == len(res["metrics"]["loglik"]["X_with_proposal_from"])
     assert [h["epoch"] for h in res["history"]] == [1]
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(model="poe"), "choose one of: mopoe, mvae, mmvae, powerset"),
+    (dict(model="poe"), "choose one of: mopoe, mvae, mmvae, subset_elbos"),
     (dict(beta="abc"), "beta must be a number, got 'abc'"),
     (dict(num_train=0), "num_train must be at least 1 (or None), got 0"),
 ])
