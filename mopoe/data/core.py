@@ -228,10 +228,11 @@ def get_datasets(name: str, root="data", **options):
 
 # %% ../../nbs/05a_data_core.ipynb #c021
 def show_tuples(ds, info: DatasetInfo, n: int = 8, idx=None, seed: int = 0, title: str | None = None):
-    "Figure with every modality (rows) of `n` tuples (columns); text decoded, labels on top."
+    "Figure with every modality (rows) of `n` tuples (columns); text decoded, labels on top, missing modalities marked."
     import matplotlib.pyplot as plt, textwrap
     idx = list(idx) if idx is not None else sorted(np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False).tolist())
-    x, y = ds[torch.as_tensor(idx)]
+    x, y, *rest = ds[torch.as_tensor(idx)]
+    obs = rest[0] if rest else None          # (n, M) which modalities each tuple has (mopoe.incomplete), else complete
     long = {m: info.is_text(m) and info.shapes[m][0] > 16 for m in info.modalities}
     cw = 1.6 if any(long.values()) else 1.3                                 # column width (inches)
     hr = [1.15 if long[m] else (0.35 if info.is_text(m) else cw) for m in info.modalities]   # row heights
@@ -240,7 +241,9 @@ def show_tuples(ds, info: DatasetInfo, n: int = 8, idx=None, seed: int = 0, titl
     for r, m in enumerate(info.modalities):
         for c in range(len(idx)):
             ax = axes[r, c]; ax.set_xticks([]); ax.set_yticks([])
-            if info.is_text(m):
+            if obs is not None and not obs[c, r]:
+                ax.set_facecolor("0.88"); ax.text(0.5, 0.5, "missing", ha="center", va="center", fontsize=8, color="0.35")
+            elif info.is_text(m):
                 s = decode_text(x[m][c], info.alphabet)
                 if long[m]:
                     ax.text(0.0, 1.0, textwrap.fill(s.strip(), 26) or "(no attribute)", va="top", ha="left", fontsize=5.5, family="monospace")
