@@ -1,5 +1,5 @@
 """No dead expert: on the main job's setting (MNIST-SVHN-Text, beta 5, cpu preset) every single modality's expert
-learns digit identity within a short run (issue 12, part 4; the measurements are in NOTES_exp.md)."""
+learns digit identity within a short run (issue 12, part 4; the measurements are in results/dead_experts.md)."""
 from mopoe.evaluate import latent_classification
 from mopoe.train import TrainConfig, build_data, resolve_config, train
 
