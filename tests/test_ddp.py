@@ -3,27 +3,11 @@ import dataclasses
 import multiprocessing as mp
 import os
 import socket
-from types import SimpleNamespace
 
 import torch
-from torch.utils.data import Dataset
 
 from mopoe.train import resolve_config, train
-
-
-class ToyPairs(Dataset):
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.y = torch.randint(10, (n,), generator=g)
-        self.a, self.b = torch.rand(n, 1, 28, 28, generator=g), torch.rand(n, 1, 28, 28, generator=g)
-    def __len__(self): return len(self.y)
-    def __getitem__(self, i): return {"mnist": self.a[i], "mnist2": self.b[i]}, self.y[i]
-
-
-INFO = SimpleNamespace(name="mnist_svhn_text", modalities=["mnist", "mnist2"],
-                       shapes={"mnist": (1, 28, 28), "mnist2": (1, 28, 28)},
-                       likelihoods={"mnist": "laplace", "mnist2": "laplace"},
-                       data_dims={"mnist": 784, "mnist2": 784}, num_classes=10, alphabet=None)
+from toys import INFO, ToyPairs
 
 
 def _worker(rank, world, port, out_dir):

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 import mopoe.io
 import mopoe.train as T
@@ -19,18 +18,7 @@ from mopoe.io import CorruptFileError, DiskFullError, content_digest, load_verif
 from mopoe.train import CheckpointError, load_checkpoint, read_results, resolve_config, sweep_config, train
 
 
-class ToyPairs(Dataset):
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.y = torch.randint(10, (n,), generator=g)
-        self.a, self.b = torch.rand(n, 1, 28, 28, generator=g), torch.rand(n, 1, 28, 28, generator=g)
-    def __len__(self): return len(self.y)
-    def __getitem__(self, i): return {"mnist": self.a[i], "mnist2": self.b[i]}, self.y[i]
-
-
-INFO = SimpleNamespace(name="mnist_svhn_text", modalities=["mnist", "mnist2"], shapes={"mnist": (1, 28, 28), "mnist2": (1, 28, 28)},
-                       likelihoods={"mnist": "laplace", "mnist2": "laplace"}, data_dims={"mnist": 784, "mnist2": 784},
-                       num_classes=10, alphabet=None, synthetic={}, source="offline")
+from toys import INFO, ToyPairs
 DATA = (ToyPairs(64, 0), ToyPairs(16, 1), INFO)
 
 
