@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05a_data_core.ipynb #c002
 from __future__ import annotations
-import hashlib, inspect, io, json, os, string, time, warnings
+import hashlib, inspect, io, json, os, string, tempfile, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
