@@ -204,7 +204,8 @@ def test_train_notebook_paper_preset_on_real_fixture(dataset, fixture_root, tmp_
     cfg, paper = res["config"], PAPER_SETUPS[dataset]
     assert cfg["source"] == "real" and cfg["preset"] == "paper"
     assert (cfg["latent_dim"], cfg["private_dim"], cfg["beta"], cfg["lr"]) == (paper.latent_dim, paper.private_dim, paper.beta, paper.lr)
-    assert res["data"]["train"] == 16 and res["data"]["test"] == 8 and not any(res["data"]["synthetic"].values())
+    assert res["data"]["sizes"] == {"train": 16, "test": 8} and res["data"]["source"] == "real"
+    assert res["data"]["synthetic"] == [] and not res["data"]["stand_in"] and res["data"]["label"] == ""
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert len(res["history"]) == 1 and record["step"] == 2 and len(record["step_losses"]) == 2      # two steps of 8
     assert np.isfinite(res["history"][0]["train_loss"])
