@@ -236,7 +236,10 @@ def test_paper_setups_match_the_reference_table():
 
 def test_command_line_source_real(fixture_root, tmp_path):
     from mopoe.train import main                   # the `mopoe-train` entry point
-    res = main(["--dataset", "mnist_svhn_text", "--source", "real", "--data_dir", str(fixture_root), "--epochs", "1",
-                "--batch_size", "8", "--num_train", "16", "--num_test", "8", "--device", "cpu", "--out_dir", str(tmp_path / "cli")])
-    assert res["config"].source == "real" and res["info"].source == "real" and res["info"].paper_data
-    assert len(res["history"]) == 1 and res["history"][0]["step"] == 2
+    status = main(["--dataset", "mnist_svhn_text", "--source", "real", "--data_dir", str(fixture_root), "--epochs", "1",
+                   "--batch_size", "8", "--num_train", "16", "--num_test", "8", "--device", "cpu", "--classifier_epochs", "1",
+                   "--num_samples", "2", "--loglik_max_test", "8", "--out_dir", str(tmp_path / "cli")])
+    assert status == 0
+    res = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert res["config"]["source"] == "real" and res["data"]["source"] == "real" and not res["data"]["stand_in"]
+    assert res["written_by"] == "mopoe-train" and len(res["history"]) == 1 and res["history"][0]["step"] == 2
