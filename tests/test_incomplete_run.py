@@ -1,0 +1,35 @@
+"""The missing-data options of a run: validated, turned into an incomplete training set, trained on, and recorded."""
+import dataclasses
+
+import pytest
+import torch
+
+from mopoe.incomplete import IncompleteDataset, complete_view, observed_of
+from mopoe.train import incomplete_train_set, resolve_config, train
+from toys import INFO, ToyPairs
+
+
+@pytest.mark.parametrize("bad, msg", [(dict(missing_rate=1.0), "missing_rate must be below 1"),
+                                      (dict(missing_fraction=0.5), "missing_modality and missing_fraction go together"),
+                                      (dict(missing_modality="svhn"), "missing_modality and missing_fraction go together")])
+def test_missing_options_are_validated(bad, msg):
+    with pytest.raises(ValueError, match=msg): resolve_config(**bad)
+
+
+def test_incomplete_training_set_and_a_run_on_it(tmp_path):
+    base = ToyPairs(64, 0)
+    cfg = resolve_config(dataset="mnist_svhn_text", missing_rate=0.5, epochs=1, batch_size=16, latent_dim=4, device="cpu",
+                         out_dir=str(tmp_path / "run"), seed=2)
+    assert incomplete_train_set(base, INFO, dataclasses.replace(cfg, missing_rate=0.0)) is base     # nothing missing
+    ds = incomplete_train_set(base, INFO, cfg)
+    assert isinstance(ds, IncompleteDataset) and complete_view(ds) is base
+    obs = observed_of(ds)
+    assert obs.any(1).all() and not obs.all()                                   # incomplete, every tuple keeps one
+    x, y, o = ds[torch.arange(8)]
+    for j, m in enumerate(INFO.modalities): assert (x[m][~o[:, j]] == 0).all()   # missing entries zero-filled
+    only = incomplete_train_set(base, INFO, dataclasses.replace(cfg, complete_only=True))
+    assert len(only) == int(obs.all(1).sum()) and observed_of(only).all()
+    with pytest.raises(ValueError, match="not a modality of"):
+        incomplete_train_set(base, INFO, dataclasses.replace(cfg, missing_modality="svhn", missing_fraction=0.5))
+    res = train(cfg, progress=False, data=(ds, ToyPairs(16, 1), INFO))        # batches carry `observed` to the model
+    assert len(res["history"]) == 1 and torch.isfinite(torch.tensor(res["history"][0]["train_loss"]))
