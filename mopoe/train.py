@@ -228,11 +228,12 @@ def info_from_dict(d: dict):
     except (ImportError, TypeError): return SimpleNamespace(**d)
 
 def data_label(cfg: TrainConfig, info=None) -> str:
-    "'' for real data; else a one-line label saying the run is on stand-in data (a smoke run beside the paper)."
+    "'' for the paper's real files; else a one-line label saying the run is on stand-in data (a smoke run beside the paper)."
     synthetic = [m for m, s in (getattr(info, "synthetic", None) or {}).items() if s]
     source = getattr(info, "source", None) or cfg.source
-    if source != "offline" and not synthetic: return ""
-    what = f"synthetic modalities: {', '.join(synthetic)}" if synthetic else "offline substitutes for the real files"
+    if source == "real" and not synthetic: return ""                   # only the paper's own files are not a stand-in
+    what = (f"synthetic modalities: {', '.join(synthetic)}" if synthetic else
+            "generated with Appendix D's recipe, not the released files" if source == "generated" else "offline substitutes for the real files")
     return (f"STAND-IN DATA: {cfg.dataset} from source {source!r} ({what}) – a smoke run, "
             f"not comparable with the paper's numbers{' even with preset paper' if cfg.preset == 'paper' else ''}")
 
