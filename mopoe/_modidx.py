@@ -179,6 +179,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                                                                                            'mopoe/incomplete.py'),
                                   'mopoe.incomplete.complete_tuples': ('incomplete.html#complete_tuples', 'mopoe/incomplete.py'),
                                   'mopoe.incomplete.complete_view': ('incomplete.html#complete_view', 'mopoe/incomplete.py'),
+                                  'mopoe.incomplete.distinct_tuples': ('incomplete.html#distinct_tuples', 'mopoe/incomplete.py'),
                                   'mopoe.incomplete.missing_mask': ('incomplete.html#missing_mask', 'mopoe/incomplete.py'),
                                   'mopoe.incomplete.missing_summary': ('incomplete.html#missing_summary', 'mopoe/incomplete.py'),
                                   'mopoe.incomplete.observed_of': ('incomplete.html#observed_of', 'mopoe/incomplete.py'),

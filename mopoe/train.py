@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['SOURCES', 'ENCODERS', 'DATASETS', 'PRESETS', 'CPU_PRESETS', 'OPTIONS', 'CHECKPOINT', 'PREV_CHECKPOINT', 'RUN_FILES',
-           'RUN_KEY_EXCLUDE', 'EVAL_OPTIONS', 'option', 'TrainConfig', 'coerce_option', 'resolve_config', 'build_data',
-           'incomplete_train_set', 'build_model', 'pick_device', 'info_dict', 'info_from_dict', 'data_label',
-           'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state', 'set_rng_state',
-           'seed_everything', 'batches', 'test_loss', 'check_out_dir', 'train', 'config_key', 'run', 'SavedRun',
-           'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results', 'main', 'main_eval']
+           'RUN_KEY_EXCLUDE', 'LATER_OPTIONS', 'EVAL_OPTIONS', 'option', 'TrainConfig', 'coerce_option',
+           'resolve_config', 'build_data', 'incomplete_train_set', 'build_model', 'pick_device', 'info_dict',
+           'info_from_dict', 'data_label', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint',
+           'rng_state', 'set_rng_state', 'seed_everything', 'batches', 'test_loss', 'check_out_dir', 'train',
+           'config_key', 'run', 'SavedRun', 'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results',
+           'main', 'main_eval']
 
 # %% ../nbs/07_train.ipynb #c002
 import argparse
@@ -40,7 +41,7 @@ from .likelihoods import get_likelihood
 from .model import MultimodalVAE, default_rec_weights
 from .objectives import KL_ESTIMATORS
 from .nets import PAPER_SETUPS, make_networks
-from .incomplete import IncompleteDataset, complete_tuples, complete_view, missing_mask, observed_of
+from .incomplete import IncompleteDataset, complete_tuples, complete_view, distinct_tuples, missing_mask, observed_of
 from .data import SOURCES as DATA_SOURCES       # what mopoe.data offers: {dataset: sources}
 SOURCES = (tuple(dict.fromkeys(s for v in DATA_SOURCES.values() for s in v)) if isinstance(DATA_SOURCES, dict)
            else tuple(DATA_SOURCES))
@@ -90,6 +91,7 @@ class TrainConfig:
     missing_modality: str = option("", "training tuples only: the modality absent from `missing_fraction` of them ('' = none)")
     missing_fraction: float = option(0.0, "the fraction of training tuples that lack `missing_modality`", low=0)
     complete_only: bool = option(False, "train on the complete tuples only (the usual workaround for incomplete data)")
+    complete_only_repeat: bool = option(False, "with complete_only: cycle the complete tuples so an epoch has as many steps as the whole training set (equal steps, not equal epochs)")
     kl: str = option("auto", "how the subset-average KL (an upper bound on the mixture's KL) is computed: subset_average exactly; subset_sample 16 subsets per row, unbiased; row_subset the row's own subset; auto: exact up to 31 subsets", KL_ESTIMATORS)
     classifier_epochs: int | None = option(None, "epochs of the coherence classifiers (None: 3 on the cpu preset, 10 on paper)", low=1)
     num_samples: int = option(15, "importance samples of the test log-likelihoods (Appendix B: 15)", low=1)
@@ -196,7 +198,7 @@ def incomplete_train_set(train, info, cfg: TrainConfig):
     drop = mods.index(cfg.missing_modality) if cfg.missing_modality else None
     obs = missing_mask(len(train), len(mods), cfg.missing_rate, drop, cfg.missing_fraction, seed=cfg.seed)
     ds = IncompleteDataset(train, obs, mods)
-    return complete_tuples(ds) if cfg.complete_only else ds
+    return complete_tuples(ds, repeat_to=len(train) if cfg.complete_only_repeat else None) if cfg.complete_only else ds
 
 def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     "The MultimodalVAE of a resolved config for a dataset `info`."
@@ -374,7 +376,8 @@ def _resume(cfg, out, model, opt, rank):
     "Load the newest intact checkpoint into model and optimizer; returns (history, start epoch)."
     state, path = latest_checkpoint(out, move_damaged=rank == 0)
     saved, mine = state["config"], asdict(cfg)
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in _RESUME_FREE and saved.get(k) != v}
+    saved = {k: saved.get(k, OPTIONS[k].default) for k in mine}       # an option newer than the checkpoint: its default
+    diff = {k: (saved[k], v) for k, v in mine.items() if k not in _RESUME_FREE and saved[k] != v}
     if not _paths_equal(saved.get("data_dir", cfg.data_dir), cfg.data_dir): diff["data_dir"] = (saved.get("data_dir"), cfg.data_dir)
     if diff: raise CheckpointError(f"checkpoint {path} was written by another config: {diff} (saved, now)")
     model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
@@ -476,16 +479,18 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
 
 # %% ../nbs/07_train.ipynb #c014
 RUN_KEY_EXCLUDE = ("out_dir", "data_dir", "device", "resume")
+LATER_OPTIONS = ("complete_only_repeat",)   # added after runs were published: left out of the key at their default
 
 def config_key(cfg: TrainConfig) -> str:
     "10-hex-digit hash of everything that defines a run's results (all options but where files go, device, resume)."
-    d = {k: v for k, v in asdict(resolve_config(cfg)).items() if k not in RUN_KEY_EXCLUDE}
+    d = {k: v for k, v in asdict(resolve_config(cfg)).items()
+         if k not in RUN_KEY_EXCLUDE and not (k in LATER_OPTIONS and v == OPTIONS[k].default)}   # older folders keep their names
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 def _evaluate_and_write(cfg, model, history, data, device, progress, written_by, t_start) -> dict:
     from mopoe.evaluate import evaluate, train_classifiers
     train_ds, test_ds, info = data
-    observed = observed_of(train_ds)
+    observed, distinct, rows = observed_of(train_ds), distinct_tuples(train_ds), len(train_ds)
     train_ds = complete_view(train_ds)       # evaluation tools (classifiers, the latent probe) see complete tuples
     bars = progress and sys.stderr.isatty()
     classifiers = train_classifiers(train_ds, info, epochs=cfg.classifier_epochs, cache_dir=str(Path(cfg.data_dir) / "classifiers"),
@@ -497,9 +502,10 @@ def _evaluate_and_write(cfg, model, history, data, device, progress, written_by,
     results = {"config": asdict(cfg), "config_key": config_key(cfg),
                "data": {"name": info.name, "source": getattr(info, "source", cfg.source), "stand_in": bool(label),
                         "synthetic": [m for m, s in (getattr(info, "synthetic", None) or {}).items() if s],
-                        "modalities": list(info.modalities), "sizes": {"train": len(train_ds) if observed is None else len(observed), "test": len(test_ds)}, "label": label,
+                        "modalities": list(info.modalities), "sizes": {"train": len(train_ds) if observed is None else distinct, "test": len(test_ds)}, "label": label,
                         "train_observed_fraction": None if observed is None else dict(zip(info.modalities, observed.float().mean(0).tolist())),
-                        "train_complete_tuples": None if observed is None else int(observed.all(1).sum())},
+                        "train_complete_tuples": None if observed is None else distinct if cfg.complete_only else int(observed.all(1).sum()),
+                        "train_rows_per_epoch": rows},
                "history": [{k: v for k, v in h.items() if k != "step_losses"} for h in history],
                "metrics": metrics, "seconds_total": time.time() - t_start, "checkpoint": CHECKPOINT, "written_by": written_by}
     path = atomic_write(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))

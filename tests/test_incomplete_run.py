@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from mopoe.incomplete import IncompleteDataset, complete_view, observed_of
+from mopoe.incomplete import IncompleteDataset, complete_view, distinct_tuples, observed_of
 from mopoe.train import incomplete_train_set, resolve_config, train
 from toys import INFO, ToyPairs
 
@@ -29,7 +29,30 @@ def test_incomplete_training_set_and_a_run_on_it(tmp_path):
     for j, m in enumerate(INFO.modalities): assert (x[m][~o[:, j]] == 0).all()   # missing entries zero-filled
     only = incomplete_train_set(base, INFO, dataclasses.replace(cfg, complete_only=True))
     assert len(only) == int(obs.all(1).sum()) and observed_of(only).all()
+    rep = incomplete_train_set(base, INFO, dataclasses.replace(cfg, complete_only=True, complete_only_repeat=True))
+    assert len(rep) == len(base) and distinct_tuples(rep) == len(only) and observed_of(rep).all()   # equal steps
+    assert set(rep.indices) == set(only.indices)
     with pytest.raises(ValueError, match="not a modality of"):
         incomplete_train_set(base, INFO, dataclasses.replace(cfg, missing_modality="svhn", missing_fraction=0.5))
     res = train(cfg, progress=False, data=(ds, ToyPairs(16, 1), INFO))        # batches carry `observed` to the model
     assert len(res["history"]) == 1 and torch.isfinite(torch.tensor(res["history"][0]["train_loss"]))
+
+
+def test_an_option_added_later_keeps_old_run_folders_and_checkpoints(tmp_path):
+    from dataclasses import asdict
+    import hashlib, json
+    from mopoe.train import RUN_KEY_EXCLUDE, config_key, load_checkpoint, save_checkpoint
+    cfg = resolve_config(dataset="mnist_svhn_text", epochs=1, batch_size=16, latent_dim=4, device="cpu",
+                         out_dir=str(tmp_path / "run"), seed=1)
+    old = {k: v for k, v in asdict(cfg).items() if k not in RUN_KEY_EXCLUDE and k != "complete_only_repeat"}
+    assert config_key(cfg) == hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]   # the key before the option
+    assert config_key(dataclasses.replace(cfg, complete_only_repeat=True)) != config_key(cfg)
+    data = (ToyPairs(48, 0), ToyPairs(16, 1), INFO)
+    train(cfg, progress=False, data=data)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    del state["config"]["complete_only_repeat"]                                   # a checkpoint from before the option
+    save_checkpoint(state, tmp_path / "run")
+    res = train(dataclasses.replace(cfg, epochs=2, resume=True), progress=False, data=data)
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+    with pytest.raises(Exception, match="another config"):                       # a real difference is still refused
+        train(dataclasses.replace(cfg, epochs=3, resume=True, complete_only_repeat=True, complete_only=True), progress=False, data=data)
