@@ -1,8 +1,12 @@
-"""Can a decoder that outputs E[x_m | digit] be coherent? Classify per-label mean/median images."""
-import json, sys, torch, numpy as np
+"""Can a decoder that outputs E[x_m | digit] be coherent? The coherence classifiers on the per-digit mean and median
+images of MNIST and of the SVHN stand-in (offline MNIST-SVHN-Text, first 10,000 training pairs; run from the
+repository root, which holds `data/`). Prints the figures of results/svhn_cross_generation.md."""
+import json
+
+import torch
+
 from mopoe.data import get_datasets
 from mopoe.evaluate import train_classifiers
-from mopoe.incomplete import complete_view
 train_ds, test_ds, info = get_datasets("mnist_svhn_text", root="data")
 clf = train_classifiers(train_ds, info, epochs=3, cache_dir="data/classifiers", seed=0, test_ds=test_ds, progress=False)
 print(clf)
@@ -23,5 +27,3 @@ for m in ("mnist", "svhn"):
         data_contrast = xs[:500].flatten(1).std(1).mean().item()
         out[f"{m}_{stat}"] = dict(classifier_acc_on_class_images=acc, predictions=pred.tolist(), image_sd=round(contrast, 4), data_image_sd=round(data_contrast, 4))
         print(m, stat, out[f"{m}_{stat}"])
-    torch.save(torch.stack([xs[Y == d].mean(0) for d in range(10)]), f"/work/scratch/s12/{m}_class_means.pt")
-json.dump(out, open("/work/scratch/s12/class_means.json", "w"), indent=1)
