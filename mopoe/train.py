@@ -174,6 +174,8 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
     if not vals["missing_fraction"] <= 1: raise ValueError(f"missing_fraction must be at most 1, got {vals['missing_fraction']}")
     if bool(vals["missing_modality"]) != (vals["missing_fraction"] > 0):
         raise ValueError("missing_modality and missing_fraction go together: name the modality and the fraction of tuples that lack it")
+    if vals["complete_only_repeat"] and not vals["complete_only"]:
+        raise ValueError("complete_only_repeat needs complete_only: it cycles the complete tuples that complete_only keeps")
     if vals["dataset"] == "polymnist" and not 2 <= vals["num_modalities"] <= 10:
         raise ValueError(f"num_modalities must be in 2..10 for polymnist, got {vals['num_modalities']}")
     for k in ("beta", "beta_warmup", "epochs", "latent_dim", "private_dim", "batch_size", "lr", "classifier_epochs"):

@@ -11,7 +11,8 @@ from toys import INFO, ToyPairs
 
 @pytest.mark.parametrize("bad, msg", [(dict(missing_rate=1.0), "missing_rate must be below 1"),
                                       (dict(missing_fraction=0.5), "missing_modality and missing_fraction go together"),
-                                      (dict(missing_modality="svhn"), "missing_modality and missing_fraction go together")])
+                                      (dict(missing_modality="svhn"), "missing_modality and missing_fraction go together"),
+                                      (dict(complete_only_repeat=True), "complete_only_repeat needs complete_only")])
 def test_missing_options_are_validated(bad, msg):
     with pytest.raises(ValueError, match=msg): resolve_config(**bad)
 
@@ -46,7 +47,7 @@ def test_an_option_added_later_keeps_old_run_folders_and_checkpoints(tmp_path):
                          out_dir=str(tmp_path / "run"), seed=1)
     old = {k: v for k, v in asdict(cfg).items() if k not in RUN_KEY_EXCLUDE and k != "complete_only_repeat"}
     assert config_key(cfg) == hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]   # the key before the option
-    assert config_key(dataclasses.replace(cfg, complete_only_repeat=True)) != config_key(cfg)
+    assert config_key(dataclasses.replace(cfg, complete_only=True, complete_only_repeat=True)) != config_key(dataclasses.replace(cfg, complete_only=True))
     data = (ToyPairs(48, 0), ToyPairs(16, 1), INFO)
     train(cfg, progress=False, data=data)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
