@@ -112,7 +112,7 @@ def coerce_option(name: str, value):
     "`value` converted to option `name`'s declared type, or ValueError naming the option and what it expects."
     if name not in OPTIONS: raise ValueError(f"unknown option {name!r}; options: {', '.join(OPTIONS)}")
     base, optional = _declared_type(OPTIONS[name].type)
-    if isinstance(value, str) and value.strip().lower() in ("none", "null"): value = None
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"): value = None   # prior_expert "none" is a choice
     if value is None:
         if optional: return None
         raise ValueError(f"{name} must be given (it has no preset value), got None")
