@@ -36,10 +36,10 @@ def probe(model, x):
     return lv.median().item(), (lv > 10).float().mean().item()
 
 
-def check(name, steps, every, num_train, seed=0):
+def check(name, steps, every, num_train, seed=0, data_dir="data"):
     options, what = VARIANTS[name]
     cfg = resolve_config(dataset="polymnist", preset="cpu", model="mvae", num_train=num_train, num_test=256,
-                         data_dir="data", seed=seed, device="cpu", **options)
+                         data_dir=data_dir, seed=seed, device="cpu", **options)
     train_ds, test_ds, info = build_data(cfg)
     seed_everything(seed)
     model = build_model(cfg, info)
@@ -74,9 +74,10 @@ if __name__ == "__main__":
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--num_train", type=int, default=8000)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--data_dir", default="data")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args()
     torch.set_num_threads(1)
-    out = [check(v, a.steps, a.every, a.num_train) for v in a.variants]
+    out = [check(v, a.steps, a.every, a.num_train, data_dir=a.data_dir) for v in a.variants]
     if a.json:
         with open(a.json, "w") as f: json.dump(out, f, indent=1)
