@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mopoe.train import batches, build_data, build_model, resolve_config, seed_everything
+from mopoe.train import batches, build_data, build_model, kl_weight, resolve_config, seed_everything
 
 VARIANTS = {   # name -> (options, what it tests)
     "cpu": (dict(), "the grid's setting: cpu preset (latent 64, beta 1, batch 64, lr 1e-3), He-init encoders"),
@@ -53,7 +53,7 @@ def check(name, steps, every, num_train, seed=0, data_dir="data"):
     while step < steps:
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed * 100003 + step))
         for batch in batches(train_ds, order, cfg.batch_size):
-            beta = cfg.beta * min(1.0, step / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
+            beta = kl_weight(cfg, step)
             x, obs = batch[0], (batch[2] if len(batch) > 2 else None)   # (x, y) or (x, y, observed)
             loss, logs = model(x, beta=beta) if obs is None else model(x, observed=obs, beta=beta)
             opt.zero_grad(set_to_none=True)

@@ -356,6 +356,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                              'mopoe.train.incomplete_train_set': ('train.html#incomplete_train_set', 'mopoe/train.py'),
                              'mopoe.train.info_dict': ('train.html#info_dict', 'mopoe/train.py'),
                              'mopoe.train.info_from_dict': ('train.html#info_from_dict', 'mopoe/train.py'),
+                             'mopoe.train.kl_weight': ('train.html#kl_weight', 'mopoe/train.py'),
                              'mopoe.train.latest_checkpoint': ('train.html#latest_checkpoint', 'mopoe/train.py'),
                              'mopoe.train.load_checkpoint': ('train.html#load_checkpoint', 'mopoe/train.py'),
                              'mopoe.train.load_run': ('train.html#load_run', 'mopoe/train.py'),

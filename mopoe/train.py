@@ -7,9 +7,9 @@ __all__ = ['SOURCES', 'ENCODERS', 'DATASETS', 'PRESETS', 'CPU_PRESETS', 'OPTIONS
            'RUN_KEY_EXCLUDE', 'LATER_OPTIONS', 'EVAL_OPTIONS', 'option', 'TrainConfig', 'coerce_option',
            'resolve_config', 'build_data', 'incomplete_train_set', 'build_model', 'pick_device', 'info_dict',
            'info_from_dict', 'data_label', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint',
-           'rng_state', 'set_rng_state', 'seed_everything', 'batches', 'test_loss', 'check_out_dir', 'train',
-           'config_key', 'run', 'SavedRun', 'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results',
-           'main', 'main_eval']
+           'rng_state', 'set_rng_state', 'seed_everything', 'batches', 'kl_weight', 'test_loss', 'check_out_dir',
+           'train', 'config_key', 'run', 'SavedRun', 'load_run', 'evaluate_saved', 'run_name', 'sweep_config',
+           'read_results', 'main', 'main_eval']
 
 # %% ../nbs/07_train.ipynb #c002
 import argparse
@@ -335,6 +335,10 @@ def _to(batch, device):
     x = {m: t.to(device, non_blocking=True) for m, t in x.items()}
     return x, (obs.to(device, non_blocking=True) if obs is not None else None)
 
+def kl_weight(cfg: TrainConfig, step: int) -> float:
+    "β at global step `step`: rising linearly from 0 over `beta_warmup` steps, then `beta`."
+    return cfg.beta * min(1.0, step / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
+
 def _forward(net, x, obs, **kw):
     return net(x, observed=obs, **kw) if obs is not None else net(x, **kw)
 
@@ -443,7 +447,7 @@ def train(cfg: TrainConfig, progress: bool = True, data=None, stop_after_steps: 
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not terminal)
         for i, batch in enumerate(batches(train_ds, order, cfg.batch_size)):
             x, obs = _to(batch, device)
-            beta = cfg.beta * min(1.0, step / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
+            beta = kl_weight(cfg, step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss, logs = _forward(net, x, obs, beta=beta)
             bad |= ~torch.isfinite(loss.detach())
