@@ -3,8 +3,6 @@ warm-up keeps them alive over the same steps (results/mvae_collapse.md; the meas
 import importlib.util
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("check_mvae_collapse", ROOT / "benchmarks" / "check_mvae_collapse.py")
 check_mvae_collapse = importlib.util.module_from_spec(_spec)
@@ -12,7 +10,6 @@ _spec.loader.exec_module(check_mvae_collapse)
 
 
 def test_prior_expert_collapse_and_the_warmup_that_prevents_it(data_dir):
-    torch.set_num_threads(1)
     run = lambda variant: check_mvae_collapse.check(variant, steps=50, every=25, num_train=2000, data_dir=str(data_dir))
     faithful, warm = run("cpu")["rows"], run("warmup")["rows"]
     assert faithful[0]["switched_off"] == 0                                   # alive at initialisation
