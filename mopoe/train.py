@@ -12,7 +12,8 @@ __all__ = ['SOURCES', 'ENCODER_INITS', 'COMPILE_MODES', 'DATASETS', 'PRESETS', '
            'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state', 'set_rng_state', 'seed_everything',
            'batches', 'steps_per_epoch', 'test_loss', 'folder_lock', 'check_out_dir', 'Checkpointer', 'StopAfter',
            'default_callbacks', 'train', 'config_key', 'evaluation_metrics', 'run', 'SavedRun', 'saved_config',
-           'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results', 'main', 'main_eval']
+           'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results', 'run_summary', 'main', 'main_eval',
+           'notebook_config']
 
 # %% ../nbs/07_train.ipynb #c002
 import argparse
@@ -781,6 +782,19 @@ def read_results(folder, cfg: TrainConfig | None = None) -> dict:
             raise ValueError(f"{f} holds the results of another configuration: {diff} (in the file, asked for); refusing to use it")
     return res
 
+# %% ../nbs/07_train.ipynb #c018c
+def run_summary(folder, dataset: str | None = None) -> dict:
+    "The facts of a run folder's results.json the experiment notebooks tabulate (one reader for sweep, reproduce, incomplete)."
+    res = read_results(folder)
+    path = Path(folder) / "results.json"
+    cfg, metrics = renamed_options(res.get("config", {}), warn=False), res.get("metrics")
+    if metrics is None or "subsets" not in metrics: raise ValueError(f"{path} holds no evaluation metrics")
+    if dataset is not None and cfg.get("dataset") != dataset: raise ValueError(f"{path} is a {cfg.get('dataset')!r} run, not {dataset!r}")
+    hist = res.get("history") or []
+    return {"objective": cfg.get("objective"), "dataset": cfg.get("dataset"), "beta": cfg.get("beta"), "epochs": cfg.get("epochs"),
+            "train tuples": res["data"]["sizes"]["train"], "steps": hist[-1]["step"] if hist else None,
+            "stand-in": res["data"].get("stand_in"), "path": str(path), "metrics": metrics, "config": cfg, "results": res}
+
 # %% ../nbs/07_train.ipynb #c020
 def _parser(prog, description, names):
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -837,3 +851,13 @@ def main_eval(argv=None) -> int:
     args = vars(p.parse_args(argv))
     out_dir, device, use_prev = args.pop("out_dir"), args.pop("device", "auto"), args.pop("use_prev")
     return _cli("mopoe-eval", lambda: evaluate_saved(out_dir, device=device, use_prev=use_prev, **renamed_options(args)))
+
+# %% ../nbs/07_train.ipynb #c020d
+def notebook_config(namespace: dict, names_before: set) -> TrainConfig:
+    "The resolved config of a notebook's parameters: every option from `namespace`; a name that is no option is refused."
+    new = {k for k in set(namespace) - set(names_before) if not k.startswith("_")}
+    if unknown := sorted(new - set(OPTIONS) - set(RENAMED_OPTIONS)):
+        raise ConfigError(f"unknown notebook parameter(s) {unknown} (a typo?); options: {', '.join(OPTIONS)}")
+    vals = {k: namespace[k] for k in OPTIONS if k in namespace}
+    vals.update({k: namespace[k] for k in RENAMED_OPTIONS if k in new})
+    return resolve_config(vals)

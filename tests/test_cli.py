@@ -12,7 +12,8 @@ import torch
 
 from conftest import TINY
 from mopoe.evaluate import evaluate
-from mopoe.experts import OBJECTIVES
+from mopoe.train import objective_choices
+OBJECTIVES = objective_choices()
 from mopoe.train import OPTIONS, load_run, main, main_eval, resolve_config, run
 
 BIN = Path(sys.executable).parent
@@ -38,11 +39,11 @@ def test_help_explains_every_option(capsys):
 
 @pytest.mark.parametrize("model", OBJECTIVES)
 def test_every_model_trains_and_evaluates_through_run(model, data_dir, tmp_path):
-    res = run(resolve_config(**TINY, model=model, data_dir=str(data_dir), out_dir=str(tmp_path)), progress=False)
+    res = run(resolve_config(**TINY, objective=model, data_dir=str(data_dir), out_dir=str(tmp_path)), progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved == json.loads(json.dumps(res["results"])) and saved["config"]["model"] == model
+    assert saved == json.loads(json.dumps(res["results"])) and saved["config"]["objective"] == model
     assert len(saved["metrics"]["latent"]["per_subset"]) == 7 and saved["data"]["sizes"] == {"train": 96, "test": 32}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".mopoe.lock") == ["checkpoint.pt", "metrics.jsonl", "results.json"]
 
 
 def test_command_succeeds_with_exit_0_and_parses_booleans(data_dir, tmp_path):
@@ -85,7 +86,7 @@ def test_reloaded_run_gives_identical_metrics(data_dir, tmp_path):
     model, cfg, info, _ = load_run(tmp_path / "copy")
     assert not model.training and cfg.epochs == 1 and list(info.modalities) == ["mnist", "svhn", "text"]
     train_ds, test_ds, _ = res["data"]
-    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], num_samples=cfg.num_samples, max_test=cfg.eval_max_test,
+    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], num_samples=cfg.loglik_samples, max_test=cfg.eval_max_test,
                      max_test_loglik=cfg.loglik_max_test, seed=cfg.seed, progress=False)
     strip = lambda m: {k: v for k, v in m.items() if k != "time"}
     assert strip(again) == strip(res["metrics"])

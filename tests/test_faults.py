@@ -205,8 +205,8 @@ def test_results_and_sweep_files(tmp_path):
     (tmp_path / "r" / "results.json").write_text('{"config": {"epochs": 2')       # truncated
     with pytest.raises(ValueError, match="results.json is not valid JSON"):
         read_results(tmp_path / "r", resolve_config())
-    with pytest.raises(ValueError, match="unknown model '../../x'"):
-        sweep_config(tmp_path / "runs", model="../../x")
+    with pytest.raises(ValueError, match="unknown objective '../../x'"):
+        sweep_config(tmp_path / "runs", objective="../../x")
     assert not (tmp_path / "runs").exists()
     (tmp_path / "afile").write_text("")
     with pytest.raises(NotADirectoryError, match="runs_dir .* is not a folder"):
@@ -219,7 +219,7 @@ def test_results_and_sweep_files(tmp_path):
     (dict(beta="abc"), "beta must be a number, got 'abc'"),
     (dict(epochs=1.5), "epochs must be a whole number, got 1.5"),
     (dict(lr="-1"), "lr must be greater than 0"),
-    (dict(model="poe"), "unknown model 'poe'"),
+    (dict(objective="poe"), "unknown objective 'poe'"),
     (dict(out_dir=""), "out_dir must be a folder name"),
 ])
 def test_bad_config_is_refused_before_any_work(options, message, tmp_path, monkeypatch):
