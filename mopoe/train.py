@@ -41,8 +41,7 @@ from torch.utils.data import DistributedSampler, Subset, default_collate
 
 from .experts import PRIOR_EXPERT
 from .io import CorruptFileError, DiskFullError, atomic_write, fsync_dir, load_verified, save_verified
-from .learner import (Callback, EpochLine, KLSchedule, Learner, NaNCheck, Progress, check_loggers, kl_weight,
-                           make_loggers, run_callbacks)
+from .learner import Callback, EpochLine, KLSchedule, Learner, NaNCheck, Progress, check_loggers, make_loggers
 from .likelihoods import get_likelihood
 from .model import MultimodalVAE, default_rec_weights
 from .objectives import KL_ESTIMATORS
@@ -346,7 +345,7 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     try:
         state = load_verified(path)
-        if not isinstance(state, dict) or (missing := _REQUIRED - set(state)):
+        if not isinstance(state, dict) or _REQUIRED - set(state):
             raise CorruptFileError(f"{path} is not a mopoe checkpoint (lacks {sorted(_REQUIRED - set(state or {}))})")
     except CorruptFileError as e:
         prev = path.with_name(PREV_CHECKPOINT)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY
 from mopoe.evaluate import evaluate
@@ -62,14 +61,16 @@ def test_command_succeeds_with_exit_0_and_parses_booleans(data_dir, tmp_path):
 @pytest.mark.parametrize("args, status, message", [
     (["--epochs", "1.5"], 2, "argument --epochs: epochs must be a whole number, got 1.5"),
     (["--beta", "abc"], 2, "argument --beta: beta must be a number, got 'abc'"),
-    (["--num_train", "-5"], 1, "mopoe-train: error: num_train must be at least 1 (or None), got -5"),
+    (["--num_train", "-5"], 2, "mopoe-train: error: num_train must be at least 1 (or None), got -5"),   # a bad option: 2
+    (["--seed", "-1"], 2, "mopoe-train: error: seed must be at least 0, got -1"),
+    (["--dataset", "mnist_svhn_text", "--num_modalities", "7"], 2, "num_modalities is a PolyMNIST option"),
     (["--resume", "maybe"], 2, "resume must be true or false, got 'maybe'"),
     (["--resume", "true"], 1, "holds no checkpoint"),
 ])
 def test_command_fails_with_one_line_and_creates_nothing(args, status, message, tmp_path):
     p = _cli("mopoe-train", "--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "data"), *args)
     assert p.returncode == status and message in p.stderr, p.stderr
-    if status == 1: assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    if message.startswith("mopoe-train: error") or status == 1: assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 

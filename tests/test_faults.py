@@ -14,7 +14,7 @@ import torch
 
 import mopoe.io
 import mopoe.train as T
-from mopoe.io import CorruptFileError, DiskFullError, content_digest, load_verified
+from mopoe.io import DiskFullError, content_digest, load_verified
 from mopoe.train import CheckpointError, load_checkpoint, read_results, resolve_config, sweep_config, train
 
 
@@ -257,12 +257,14 @@ def test_resume_compares_paths_resolved(tmp_path, monkeypatch, reference):
         train(cfg_for(out, resume=True, data_dir="other"), progress=False, data=DATA)
 
 
-def test_reload_falls_back_to_prev_and_changes_no_file(tmp_path):
+def test_reload_of_a_damaged_final_checkpoint_is_refused_unless_asked_and_changes_no_file(tmp_path):
+    "A damaged checkpoint.pt is an error naming the intact previous one; use_prev=True loads that one; no file changes."
     from mopoe.train import load_run
     out = two_epochs(tmp_path)
     raw = bytearray((out / "checkpoint.pt").read_bytes()); raw[len(raw) // 2] ^= 0xFF
     (out / "checkpoint.pt").write_bytes(bytes(raw))
     before = snapshot(out)
-    with pytest.warns(UserWarning, match="using the previous checkpoint .*\\(epoch 1\\)"):
-        saved = load_run(out)
+    with pytest.raises(CheckpointError, match="checkpoint.prev.pt \\(epoch 1\\) is intact.*use_prev=True"):
+        load_run(out)
+    saved = load_run(out, use_prev=True)
     assert saved.state["epoch"] == 1 and not saved.model.training and snapshot(out) == before
