@@ -64,17 +64,18 @@ def test_a_callback_can_stop_a_run(tmp_path):
 def test_beta_has_one_owner_and_the_records_state_it(tmp_path):
     "During a warm-up the train and test losses of a record are computed with the β the record states."
     cfg = cfg_for(tmp_path / "r", epochs=2, beta=2.0, beta_warmup=6)
-    res = train(cfg, progress=False, data=DATA)
+    data = (DATA[0], ToyPairs(512, 2), INFO)                             # a large test set: little sampling noise
+    res = train(cfg, progress=False, data=data)
     recs = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     # 4 steps an epoch: the last step of epoch 1 is global step 3 (β = 2·3/6), of epoch 2 step 7 (β = 2)
     assert [r["beta"] for r in recs] == [kl_weight(cfg, 3), kl_weight(cfg, 7)] == [1.0, 2.0]
     assert "beta" not in vars(res["model"])                                # the model holds no β of its own
-    # the test terms of the last record are the model's test loss at that β (reproduced from the final model)
-    again = epoch_test_loss(res["model"], DATA[1], cfg.batch_size, torch.device("cpu"), beta=recs[-1]["beta"])
-    assert math.isclose(again["loss"], recs[-1]["test_loss"], rel_tol=1e-6)
+    # the test terms of the last record are the model's test loss at that β (reproduced from the final model up to the
+    # sampling noise of z, which is far smaller than what a different β would change)
+    at = lambda beta: epoch_test_loss(res["model"], data[1], cfg.batch_size, torch.device("cpu"), beta=beta)
+    again, other = at(recs[-1]["beta"]), at(0.0)
     assert math.isclose(again["loss"], -again["rec"] + recs[-1]["beta"] * again["kl"], rel_tol=1e-5)
-    other = epoch_test_loss(res["model"], DATA[1], cfg.batch_size, torch.device("cpu"), beta=0.0)
-    assert other["loss"] != pytest.approx(recs[-1]["test_loss"])      # β really enters the test loss
+    assert abs(again["loss"] - recs[-1]["test_loss"]) < 0.2 * abs(other["loss"] - recs[-1]["test_loss"]), (again, other, recs[-1])
 
 
 def test_tensorboard_event_files_hold_step_terms_and_final_metrics(tmp_path, data_dir):
