@@ -16,9 +16,9 @@ from torch.utils.data import Dataset
 from ..io import atomic_write
 
 # %% auto #0
-__all__ = ['ALPHABET', 'CACHE_FORMAT', 'DATASETS', 'SOURCES', 'text_to_indices', 'encode_text', 'decode_text', 'DatasetInfo',
-           'MultimodalDataset', 'cache_path', 'atomic_save', 'save_cache', 'load_cache', 'build_cached',
-           'register_dataset', 'check_source', 'get_datasets', 'show_tuples']
+__all__ = ['ALPHABET', 'CACHE_FORMAT', 'FULL_HASH_BYTES', 'DATASETS', 'SOURCES', 'text_to_indices', 'encode_text', 'decode_text',
+           'DatasetInfo', 'MultimodalDataset', 'cache_path', 'atomic_save', 'save_cache', 'load_cache', 'build_cached',
+           'files_fingerprint', 'register_dataset', 'check_source', 'get_datasets', 'show_tuples']
 
 # %% ../../nbs/05a_data_core.ipynb #c005
 ALPHABET = string.ascii_lowercase + string.digits + string.punctuation + " "
@@ -203,6 +203,33 @@ def build_cached(name, root, key, cache, build, verbose):
     if verbose: print(f"{name}: {'loaded from ' if from_cache else 'built, cached in ' if cache else 'built'}"
                       f"{path if cache else ''} ({sec:.1f} s)")
     return splits, sec, from_cache, (str(path) if cache else None)
+
+# %% ../../nbs/05a_data_core.ipynb #c025
+FULL_HASH_BYTES = 64 << 20      # files up to this size are hashed whole; larger ones in 16 sampled 1 MB blocks
+
+def _hash_file(h, path: Path, size: int, block: int = 1 << 20) -> None:
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            while b := f.read(block): h.update(b)
+        else:
+            for k in range(16): f.seek((size - block) * k // 15); h.update(f.read(block))
+
+def files_fingerprint(folders=(), files=(), sample: int = 64) -> dict:
+    "{'files', 'bytes', 'digest'}: name, size and mtime of every file in `folders` (top level) and `files`, the bytes of a sample of each folder and of each file."
+    h, n, total = hashlib.blake2b(digest_size=16), 0, 0
+    for d in map(Path, folders):
+        with os.scandir(d) as it: entries = sorted((e.name, e.stat()) for e in it if e.is_file())
+        h.update(f"D{d.name}:{len(entries)};".encode())
+        for name, st in entries: h.update(f"{name}|{st.st_size}|{st.st_mtime_ns};".encode())
+        k = min(sample, len(entries))
+        for j in sorted({round(t * (len(entries) - 1) / max(k - 1, 1)) for t in range(k)}):
+            h.update(f"S{entries[j][0]};".encode()); _hash_file(h, d / entries[j][0], entries[j][1].st_size)
+        n += len(entries); total += sum(st.st_size for _, st in entries)
+    for f in map(Path, files):
+        st = f.stat()
+        h.update(f"F{f.name}|{st.st_size}|{st.st_mtime_ns};".encode()); _hash_file(h, f, st.st_size)
+        n += 1; total += st.st_size
+    return {"files": n, "bytes": total, "digest": h.hexdigest()}
 
 # %% ../../nbs/05a_data_core.ipynb #c018
 DATASETS: dict = {}    # name -> builder(root=..., **options) -> (train, test, info)
