@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, default_collate
 
 from ..io import atomic_write
 
 # %% auto #0
-__all__ = ['ALPHABET', 'CACHE_FORMAT', 'FULL_HASH_BYTES', 'DATASETS', 'SOURCES', 'text_to_indices', 'encode_text', 'decode_text',
-           'DatasetInfo', 'MultimodalDataset', 'cache_path', 'atomic_save', 'save_cache', 'load_cache', 'build_cached',
-           'files_fingerprint', 'register_dataset', 'check_source', 'get_datasets', 'show_tuples']
+__all__ = ['ALPHABET', 'CACHE_FORMAT', 'FULL_HASH_BYTES', 'DATASETS', 'SOURCES', 'DEVICE_DATA_FRACTION', 'text_to_indices',
+           'encode_text', 'decode_text', 'DatasetInfo', 'MultimodalDataset', 'cache_path', 'atomic_save', 'save_cache',
+           'load_cache', 'build_cached', 'files_fingerprint', 'register_dataset', 'check_source', 'get_datasets',
+           'dataset_nbytes', 'dataset_to', 'place_dataset', 'validate_dataset', 'show_tuples']
 
 # %% ../../nbs/05a_data_core.ipynb #c005
 ALPHABET = string.ascii_lowercase + string.digits + string.punctuation + " "
@@ -125,13 +127,28 @@ class MultimodalDataset(Dataset):
         return self.data[m][self.index[m][i] if m in self.index else i]
 
     def _convert(self, m, t):
-        if self.kinds[m] == "text": return F.one_hot(t.long(), len(self.alphabet)).float()
+        "float32 on t's device: images / 255, text one-hot (a scatter: no host read, unlike F.one_hot's range check)."
+        if self.kinds[m] == "text":
+            return t.new_zeros(*t.shape, len(self.alphabet), dtype=torch.float32).scatter_(-1, t.long().unsqueeze(-1), 1.0)
         return t.float().div_(255)
 
     def __getitem__(self, i):
         x = {m: self._convert(m, self.raw(m, i)) for m in self.data}
         y = self.labels[i]
         return x, (y.float() if y.dtype == torch.uint8 else y)
+
+    @property
+    def device(self) -> torch.device: return self.labels.device
+
+    @property
+    def nbytes(self) -> int:
+        "Bytes of the storage `to` moves: data, index tables and labels."
+        return sum(t.nbytes for d in (self.data, self.index) for t in d.values()) + self.labels.nbytes
+
+    def to(self, device):
+        "This dataset with its storage (uint8 data, index tables, labels) on `device`; `meta` stays. Indexing there gathers and converts there."
+        mv = lambda d: {k: t.to(device) for k, t in d.items()}
+        return type(self)(mv(self.data), self.labels.to(device), self.kinds, mv(self.index), self.alphabet, self.meta)
 
     def to_payload(self) -> dict:
         "Plain dict of tensors (for the cache)."
@@ -252,6 +269,74 @@ def get_datasets(name: str, root="data", **options):
     if bad: raise ValueError(f"unknown option(s) {bad} for {name!r}; choices: {allowed}")
     if "source" in options: check_source(name, options["source"])
     return fn(root=root, **options)
+
+# %% ../../nbs/05a_data_core.ipynb #c030
+def dataset_nbytes(ds) -> int | None:
+    "Bytes `dataset_to` copies for `ds` (its whole storage, also for a Subset); None if it cannot move."
+    if isinstance(ds, Subset):
+        n = dataset_nbytes(ds.dataset)
+        return None if n is None else n + 8 * len(ds.indices)
+    n = getattr(ds, "nbytes", None)
+    return n if isinstance(n, int) and callable(getattr(ds, "to", None)) else None
+
+def dataset_to(ds, device):
+    "`ds` (MultimodalDataset, IncompleteDataset over one, or a Subset of either) with its storage on `device`; None if it cannot move."
+    if dataset_nbytes(ds) is None: return None
+    if isinstance(ds, Subset):
+        return Subset(dataset_to(ds.dataset, device), torch.as_tensor(ds.indices, dtype=torch.long).to(device))
+    return ds.to(device)
+
+# %% ../../nbs/05a_data_core.ipynb #c031
+DEVICE_DATA_FRACTION = 0.25      # `auto` moves the data when they need at most this share of the device's free memory
+
+def place_dataset(ds, device, mode: str = "auto", fraction: float = DEVICE_DATA_FRACTION) -> tuple:
+    "(dataset to train on, moved?, why): the data on `device` for mode 'on', kept on the host for 'off', decided by size for 'auto'."
+    if mode not in ("auto", "on", "off"): raise ValueError(f"data_on_device must be auto, on or off, got {mode!r}")
+    device, n = torch.device(device), dataset_nbytes(ds)
+    if device.type == "cpu": return ds, False, "the device is the CPU: the data are where they are used"
+    if mode == "off": return ds, False, "data_on_device is off: batches are copied from the host every step"
+    if n is None:
+        if mode == "on": raise ValueError(f"data_on_device=on, but a {type(ds).__name__} cannot move to {device} "
+                                          "(only mopoe.data's in-memory datasets, incomplete views and subsets of them can)")
+        return ds, False, f"a {type(ds).__name__} cannot move to a device: batches are copied from the host"
+    if mode == "auto":
+        if device.type != "cuda": return ds, False, f"auto moves data to CUDA devices only, not to {device.type}"
+        free = torch.cuda.mem_get_info(device)[0]
+        if n > fraction * free:
+            return ds, False, f"the data need {n / 1e9:.2f} GB, more than {fraction:.0%} of the {free / 1e9:.1f} GB free on {device}"
+    return dataset_to(ds, device), True, f"the data ({n / 1e9:.2f} GB) moved to {device} once"
+
+# %% ../../nbs/05a_data_core.ipynb #c034
+def _batch_at(ds, idx: Tensor):
+    "The collated batch of `ds` at positions `idx` (CPU), gathered on the dataset's device where it indexes whole batches."
+    base, index = (ds.dataset, torch.as_tensor(ds.indices)) if isinstance(ds, Subset) else (ds, None)
+    if hasattr(base, "raw") or getattr(base, "batch_indexing", False):
+        if index is not None: idx = index[idx.to(index.device)]
+        return base[idx.to(getattr(base, "device", None) or idx.device)]
+    return default_collate([ds[j] for j in idx.tolist()])
+
+def validate_dataset(ds, info, likelihoods: dict | None = None, batch_size: int = 4096) -> None:
+    "Check every value of `ds` once as the model checks each batch; ValueError naming the modality and the first bad tuple."
+    from mopoe.likelihoods import get_likelihood
+    liks = {m: get_likelihood((likelihoods or {}).get(m, info.likelihoods[m])) for m in info.modalities}
+    n = len(ds)
+    for start in range(0, n, batch_size):
+        batch = _batch_at(ds, torch.arange(start, min(n, start + batch_size)))
+        x, obs = batch[0], (batch[2] if len(batch) > 2 else None)
+        bad = {}
+        for j, m in enumerate(info.modalities):
+            if m not in x: continue
+            t = x[m]
+            if not t.is_floating_point():
+                raise TypeError(f"modality {m!r} has dtype {t.dtype}; the model takes floating-point data")
+            rows = liks[m].invalid_rows(t)
+            bad[m] = rows & obs[:, j].to(rows.device) if obs is not None else rows
+        if not bad: continue
+        flags = torch.stack([b.any() for b in bad.values()]).cpu()          # one host read per chunk
+        if not flags.any(): continue
+        first = {m: int(b.nonzero()[0, 0]) for (m, b), f in zip(bad.items(), flags) if f}
+        m = min(first, key=lambda k: (first[k], info.modalities.index(k))); r = first[m]
+        raise ValueError(f"modality {m!r} {liks[m].explain(x[m][r:r + 1])} (tuple {start + r} of {n}, the first such)")
 
 # %% ../../nbs/05a_data_core.ipynb #c021
 def show_tuples(ds, info: DatasetInfo, n: int = 8, idx=None, seed: int = 0, title: str | None = None):
