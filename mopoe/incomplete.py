@@ -9,7 +9,6 @@ __all__ = ['missing_mask', 'IncompleteDataset', 'complete_tuples', 'distinct_tup
 # %% ../nbs/09_incomplete.ipynb #c002
 import math
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor

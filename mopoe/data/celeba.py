@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..nets import PAPER_SETUPS, make_networks
 from .core import ALPHABET, DatasetInfo, MultimodalDataset, build_cached, check_source, files_fingerprint, register_dataset, text_to_indices
 from .files import DataFormatError, continue_command, missing_data
 from .standins import draw_faces
@@ -131,4 +132,5 @@ def celeba(root="data", num_train: int | None = None, num_test: int | None = Non
                        {"train": len(train), "test": len(test)}, source, key, sec, hit, path, note)
     return train, test, info
 
-register_dataset("celeba", celeba, CELEBA_SOURCES)
+register_dataset("celeba", celeba, CELEBA_SOURCES, networks=make_networks, paper_setup=PAPER_SETUPS["celeba"],
+                 cpu_preset=dict(latent_dim=32, private_dim=32, beta=2.5, lr=5e-4, batch_size=64, epochs=2))   # the cpu preset: measured on a 2-core CPU, offline data (README)

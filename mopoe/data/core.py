@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05a_data_core.ipynb #c002
 from __future__ import annotations
-import hashlib, inspect, io, json, os, string, tempfile, time, warnings
+import hashlib, inspect, io, json, os, string, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +17,10 @@ from torch.utils.data import Dataset, Subset, default_collate
 from ..io import atomic_write
 
 # %% auto #0
-__all__ = ['ALPHABET', 'CACHE_FORMAT', 'FULL_HASH_BYTES', 'DATASETS', 'SOURCES', 'DEVICE_DATA_FRACTION', 'text_to_indices',
-           'encode_text', 'decode_text', 'DatasetInfo', 'MultimodalDataset', 'cache_path', 'atomic_save', 'save_cache',
-           'load_cache', 'build_cached', 'files_fingerprint', 'register_dataset', 'check_source', 'get_datasets',
+__all__ = ['ALPHABET', 'CACHE_FORMAT', 'FULL_HASH_BYTES', 'PRESET_KEYS', 'REGISTRY', 'DATASETS', 'SOURCES',
+           'DEVICE_DATA_FRACTION', 'text_to_indices', 'encode_text', 'decode_text', 'DatasetInfo', 'MultimodalDataset',
+           'cache_path', 'atomic_save', 'save_cache', 'load_cache', 'build_cached', 'files_fingerprint', 'DatasetEntry',
+           'register_dataset', 'unregister_dataset', 'dataset_names', 'dataset_entry', 'check_source', 'get_datasets',
            'dataset_nbytes', 'dataset_to', 'place_dataset', 'validate_dataset', 'show_tuples']
 
 # %% ../../nbs/05a_data_core.ipynb #c005
@@ -249,19 +250,60 @@ def files_fingerprint(folders=(), files=(), sample: int = 64) -> dict:
     return {"files": n, "bytes": total, "digest": h.hexdigest()}
 
 # %% ../../nbs/05a_data_core.ipynb #c018
+PRESET_KEYS = ("latent_dim", "private_dim", "beta", "lr", "batch_size", "epochs", "beta_warmup")
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    "What mopoe knows about a registered dataset: builder, sources, networks, classifier, cpu preset, paper setup."
+    name: str
+    builder: object
+    sources: tuple
+    networks: object = None        # (info, latent_dim, private_dim=0, **kw) -> (encoders, decoders)
+    classifier: object = None      # (info, modality) -> nn.Module; None: mopoe.nets.make_classifier
+    cpu_preset: dict = field(default_factory=dict)
+    paper_setup: object = None     # mopoe.nets.PaperSetup, or None if the paper has no such experiment
+
+REGISTRY: dict = {}    # name -> DatasetEntry
 DATASETS: dict = {}    # name -> builder(root=..., **options) -> (train, test, info)
 SOURCES: dict = {}     # name -> the sources the builder accepts; the first is the default
 
-def register_dataset(name: str, builder, sources) -> None:
-    "Make `builder` available as `get_datasets(name, ...)`, accepting `sources`."
-    DATASETS[name], SOURCES[name] = builder, tuple(sources)
+# %% ../../nbs/05a_data_core.ipynb #c036
+def register_dataset(name: str, builder, sources, networks=None, cpu_preset: dict | None = None, paper_setup=None,
+                     classifier=None) -> DatasetEntry:
+    "Make `builder` available as `get_datasets(name, ...)` with its `sources`, networks and presets (see `DatasetEntry`)."
+    if not (isinstance(name, str) and name.isidentifier()): raise ValueError(f"a dataset name is an identifier, got {name!r}")
+    if not callable(builder): raise TypeError(f"register_dataset({name!r}): builder must be callable, got {type(builder).__name__}")
+    sources = tuple(sources)
+    if not sources or not all(isinstance(s, str) for s in sources):
+        raise ValueError(f"register_dataset({name!r}): sources must be a non-empty list of names, got {sources!r}")
+    for what, f in (("networks", networks), ("classifier", classifier)):
+        if f is not None and not callable(f): raise TypeError(f"register_dataset({name!r}): {what} must be callable")
+    cpu_preset = dict(cpu_preset or {})
+    if bad := sorted(set(cpu_preset) - set(PRESET_KEYS)):
+        raise ValueError(f"register_dataset({name!r}): unknown preset option(s) {bad}; choices: {list(PRESET_KEYS)}")
+    entry = DatasetEntry(name, builder, sources, networks, classifier, cpu_preset, paper_setup)
+    REGISTRY[name], DATASETS[name], SOURCES[name] = entry, builder, sources
+    return entry
+
+def unregister_dataset(name: str) -> None:
+    "Remove dataset `name` from the registry (tests, notebooks that register a toy)."
+    for d in (REGISTRY, DATASETS, SOURCES): d.pop(name, None)
+
+def dataset_names() -> tuple:
+    "The registered datasets, in registration order."
+    return tuple(REGISTRY)
+
+def dataset_entry(name: str) -> DatasetEntry:
+    "The `DatasetEntry` of `name` (ValueError listing the choices if unknown)."
+    if name not in REGISTRY: raise ValueError(f"unknown dataset {name!r}; choices: {list(REGISTRY)}")
+    return REGISTRY[name]
 
 def check_source(name: str, source: str) -> None:
     "ValueError listing the choices if dataset `name` has no source `source`."
     if source not in SOURCES[name]: raise ValueError(f"unknown source {source!r} for {name}; choices: {list(SOURCES[name])}")
 
 def get_datasets(name: str, root="data", **options):
-    "(train, test, info) for dataset `name` ('polymnist', 'mnist_svhn_text', 'celeba'); see each builder's options."
+    "(train, test, info) for dataset `name` (see `dataset_names()`); see each builder's options."
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; choices: {list(DATASETS)}")
     fn = DATASETS[name]
     allowed = [p for p in inspect.signature(fn).parameters if p != "root"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..nets import PAPER_SETUPS, make_networks
 from .core import (ALPHABET, DatasetInfo, MultimodalDataset, build_cached, check_source, files_fingerprint,
                              register_dataset, text_to_indices)
 from .files import MNIST_FILES, SVHN_FILES, MissingDataError, continue_command, load_mnist, load_svhn
@@ -96,4 +97,5 @@ def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | N
                        {"train": len(train), "test": len(test)}, source, key, sec, hit, path, note)
     return train, test, info
 
-register_dataset("mnist_svhn_text", mnist_svhn_text, MNIST_SVHN_TEXT_SOURCES)
+register_dataset("mnist_svhn_text", mnist_svhn_text, MNIST_SVHN_TEXT_SOURCES, networks=make_networks, paper_setup=PAPER_SETUPS["mnist_svhn_text"],
+                 cpu_preset=dict(latent_dim=20, private_dim=0, beta=2.5, lr=1e-3, batch_size=128, epochs=10))   # the cpu preset: measured on a 2-core CPU, offline data (README)
