@@ -7,12 +7,18 @@ from mopoe.nets import PAPER_SETUPS
 
 
 def test_builtin_registrations_carry_what_the_trainer_uses():
+    "The trainer's dataset choices and presets come from the registry; the presets are the measured ones of the README."
     import mopoe.train as T
-    assert D.dataset_names() == tuple(T.DATASETS) == ("polymnist", "mnist_svhn_text", "celeba")
+    assert D.dataset_names() == T.option_choices("dataset") == ("polymnist", "mnist_svhn_text", "celeba")
+    measured = {"polymnist": dict(latent_dim=64, private_dim=0, beta=1.0, lr=1e-3, batch_size=64, epochs=18),
+                "mnist_svhn_text": dict(latent_dim=20, private_dim=0, beta=2.5, lr=1e-3, batch_size=128, epochs=10),
+                "celeba": dict(latent_dim=32, private_dim=32, beta=2.5, lr=5e-4, batch_size=64, epochs=2)}
     for name in D.dataset_names():
         e = D.dataset_entry(name)
-        assert e.cpu_preset == T.CPU_PRESETS[name], name                # copied from the trainer's table
-        assert e.paper_setup is PAPER_SETUPS[name]
+        assert e.cpu_preset == T.cpu_preset(name) == measured[name], name
+        cfg = T.resolve_config(dataset=name)
+        assert all(getattr(cfg, k) == v for k, v in measured[name].items()), name
+        assert e.paper_setup is PAPER_SETUPS[name] and T.resolve_config(dataset=name, preset="paper").latent_dim == e.paper_setup.latent_dim
         assert e.sources == D.SOURCES[name] and e.builder is D.DATASETS[name]
 
 
