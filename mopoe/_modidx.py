@@ -521,6 +521,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                              'mopoe.train.option': ('train.html#option', 'mopoe/train.py'),
                              'mopoe.train.option_choices': ('train.html#option_choices', 'mopoe/train.py'),
                              'mopoe.train.paper_preset': ('train.html#paper_preset', 'mopoe/train.py'),
+                             'mopoe.train.parse_objective_options': ('train.html#parse_objective_options', 'mopoe/train.py'),
                              'mopoe.train.pick_device': ('train.html#pick_device', 'mopoe/train.py'),
                              'mopoe.train.read_results': ('train.html#read_results', 'mopoe/train.py'),
                              'mopoe.train.renamed_options': ('train.html#renamed_options', 'mopoe/train.py'),

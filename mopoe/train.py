@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['SOURCES', 'ENCODER_INITS', 'COMPILE_MODES', 'PRESETS', 'OPTIONS', 'RENAMED_OPTIONS', 'LEGACY_KEY_NAMES', 'CHECKPOINT',
            'PREV_CHECKPOINT', 'RUN_FILES', 'CHECKPOINT_FORMAT', 'BUILD_OPTIONS', 'RUN_KEY_EXCLUDE', 'LATER_OPTIONS',
-           'EVAL_OPTIONS', 'cpu_preset', 'paper_preset', 'objective_choices', 'metric_choices', 'logger_choices',
-           'option', 'TrainConfig', 'ConfigError', 'coerce_option', 'option_choices', 'renamed_options',
-           'resolve_config', 'build_data', 'incomplete_train_set', 'build_model', 'pick_device', 'info_dict',
-           'info_from_dict', 'data_label', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint',
-           'rng_state', 'set_rng_state', 'seed_everything', 'batches', 'steps_per_epoch', 'test_loss', 'folder_lock',
-           'check_out_dir', 'Checkpointer', 'StopAfter', 'default_callbacks', 'train', 'config_key',
-           'evaluation_metrics', 'run', 'SavedRun', 'saved_config', 'load_run', 'evaluate_saved', 'run_name',
-           'sweep_config', 'read_results', 'run_summary', 'main', 'main_eval', 'notebook_config']
+           'EVAL_OPTIONS', 'cpu_preset', 'paper_preset', 'objective_choices', 'parse_objective_options',
+           'metric_choices', 'logger_choices', 'option', 'TrainConfig', 'ConfigError', 'coerce_option',
+           'option_choices', 'renamed_options', 'resolve_config', 'build_data', 'incomplete_train_set', 'build_model',
+           'pick_device', 'info_dict', 'info_from_dict', 'data_label', 'CheckpointError', 'save_checkpoint',
+           'load_checkpoint', 'latest_checkpoint', 'rng_state', 'set_rng_state', 'seed_everything', 'batches',
+           'steps_per_epoch', 'test_loss', 'folder_lock', 'check_out_dir', 'Checkpointer', 'StopAfter',
+           'default_callbacks', 'train', 'config_key', 'evaluation_metrics', 'run', 'SavedRun', 'saved_config',
+           'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results', 'run_summary', 'main', 'main_eval',
+           'notebook_config']
 
 # %% ../nbs/07_train.ipynb #c002
 import argparse
@@ -68,8 +69,23 @@ def paper_preset(dataset: str) -> dict:
     return setup.as_dict() if setup is not None else {}
 
 def objective_choices() -> tuple:
-    "The registered objectives' names (mopoe.objectives' registry)."
-    return tuple(getattr(_objectives, "OBJECTIVES", None) or _objectives.OBJECTIVE_CLASSES)
+    "The registered objectives' names (mopoe.objectives' registry, with the modules that register more loaded)."
+    if hasattr(_objectives, "load_objectives"): _objectives.load_objectives()
+    return tuple(_objectives.OBJECTIVES)
+
+def parse_objective_options(text: str, objective: str) -> dict:
+    "'K=4,estimator=dreg' -> {'K': 4, 'estimator': 'dreg'}, checked against the objective's options (ConfigError otherwise)."
+    import ast
+    out = {}
+    for item in [s.strip() for s in (text or "").split(",") if s.strip()]:
+        if "=" not in item: raise ConfigError(f"objective_options: {item!r} is not name=value")
+        k, v = (p.strip() for p in item.split("=", 1))
+        try: out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError): out[k] = v                      # a bare word: a string
+    names = _objectives.OBJECTIVES[objective].option_names()
+    if bad := sorted(set(out) - set(names)):
+        raise ConfigError(f"objective_options: {objective!r} takes {', '.join(names)}; got {bad}")
+    return out
 
 def metric_choices() -> tuple:
     "The registered metrics' names (mopoe.evaluate's registry)."
@@ -128,6 +144,9 @@ class TrainConfig:
     drop_last: bool | None = option(None, "drop the last partial batch of an epoch so every step has one shape (None: on with compile or CUDA, off on CPU)")
     data_on_device: bool | None = option(None, "move the training data to the device once and gather batches there (None: on for CUDA when it fits)")
     compile: str = option("off", "torch.compile the model's loss: off, default, reduce-overhead (CUDA graphs), max-autotune", COMPILE_MODES)
+    objective_options: str = option("", "the objective's own options as name=value pairs, e.g. K=4,estimator=dreg for mmvaeplus "
+                                        "(mopoe.objectives.OBJECTIVES[name].option_names())")
+    amsgrad: bool = option(False, "Adam with the AMSGrad variant (the MMVAE+ authors' optimizer)")
 
 OPTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RENAMED_OPTIONS = {"model": "objective", "encoders": "encoder_init", "num_samples": "loglik_samples"}   # old -> new
@@ -244,6 +263,8 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
     if vals["compile"] != "off" and vals["drop_last"] is False:
         raise ConfigError("compile needs every step to have one shape: leave drop_last at None (auto) or set it true")
     check_loggers(vals["loggers"])
+    opts = parse_objective_options(vals["objective_options"], vals["objective"])
+    vals["objective_options"] = ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in sorted(opts.items()))
     if not vals["missing_rate"] < 1: raise ConfigError(f"missing_rate must be below 1 (every tuple keeps one modality), got {vals['missing_rate']}")
     if not vals["missing_fraction"] <= 1: raise ConfigError(f"missing_fraction must be at most 1, got {vals['missing_fraction']}")
     if bool(vals["missing_modality"]) != (vals["missing_fraction"] > 0):
@@ -282,8 +303,10 @@ def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     enc, dec = dataset_entry(cfg.dataset).networks(info, cfg.latent_dim, cfg.private_dim, init=init, act=act)
     liks = {m: get_likelihood(l, scale=cfg.likelihood_scale) if l in ("laplace", "gaussian") else get_likelihood(l)
             for m, l in info.likelihoods.items()}
+    opts = parse_objective_options(cfg.objective_options, cfg.objective)
     return MultimodalVAE(enc, dec, liks, cfg.latent_dim, cfg.private_dim, objective=cfg.objective,
-                         rec_weights=default_rec_weights(info.data_dims), prior_expert=cfg.prior_expert, shapes=info.shapes, kl=cfg.kl)
+                         rec_weights=default_rec_weights(info.data_dims), prior_expert=cfg.prior_expert, shapes=info.shapes, kl=cfg.kl,
+                         **opts)
 
 def pick_device(name: str = "auto") -> torch.device:
     "CUDA when present (for 'auto'), else CPU."
@@ -321,7 +344,7 @@ RUN_FILES = (CHECKPOINT, PREV_CHECKPOINT, "metrics.jsonl", "results.json")
 _REQUIRED = {"model", "optimizer", "config", "epoch", "history", "rng", "info"}
 CHECKPOINT_FORMAT = 2      # 2: the config holds every option that builds the model (BUILD_OPTIONS), under its current name
 BUILD_OPTIONS = ("dataset", "num_modalities", "latent_dim", "private_dim", "objective", "prior_expert", "likelihood_scale",
-                 "encoder_init", "kl")   # what build_model reads: a checkpoint must state each, or it is not rebuilt
+                 "encoder_init", "kl")   # objective_options too, when the checkpoint's objective takes options   # what build_model reads: a checkpoint must state each, or it is not rebuilt
 
 class CheckpointError(RuntimeError):
     "A checkpoint file is missing, unreadable or does not match the run."
@@ -585,7 +608,7 @@ def _train_locked(cfg, callbacks, progress, data, out):
     if len(train_ds) == 0: raise ValueError("the training set is empty")
     model = build_model(cfg, info).to(device)
     _validate_data(train_ds, test_ds, info, model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, amsgrad=cfg.amsgrad)
     history, start = _resume(cfg, out, model, opt, rank) if cfg.resume else ([], 0)
     info_plain = info_dict(info)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
@@ -608,7 +631,7 @@ def _train_locked(cfg, callbacks, progress, data, out):
 
 # %% ../nbs/07_train.ipynb #c014
 RUN_KEY_EXCLUDE = ("out_dir", "data_dir", "device", "resume", "loggers", "sync_every", "compile", "data_on_device")
-LATER_OPTIONS = ("complete_only_repeat", "metrics", "drop_last")   # added after runs were published: out of the key at their default
+LATER_OPTIONS = ("complete_only_repeat", "metrics", "drop_last", "objective_options", "amsgrad")   # added after runs were published: out of the key at their default
 
 def config_key(cfg: TrainConfig) -> str:
     "10-hex-digit hash of everything that defines a run's results (all options but where files go, device, resume, logging)."
