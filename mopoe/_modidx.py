@@ -45,6 +45,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                                  'mopoe.data.core._digest': ('data_core.html#_digest', 'mopoe/data/core.py'),
                                  'mopoe.data.core._flat_tensors': ('data_core.html#_flat_tensors', 'mopoe/data/core.py'),
                                  'mopoe.data.core._hash_file': ('data_core.html#_hash_file', 'mopoe/data/core.py'),
+                                 'mopoe.data.core._proven_by_storage': ('data_core.html#_proven_by_storage', 'mopoe/data/core.py'),
                                  'mopoe.data.core._tensor_record': ('data_core.html#_tensor_record', 'mopoe/data/core.py'),
                                  'mopoe.data.core.atomic_save': ('data_core.html#atomic_save', 'mopoe/data/core.py'),
                                  'mopoe.data.core.build_cached': ('data_core.html#build_cached', 'mopoe/data/core.py'),
