@@ -5,7 +5,7 @@
 # %% ../nbs/06_nets.ipynb #c002
 from __future__ import annotations
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
@@ -17,7 +17,7 @@ __all__ = ['TRUNK_INITS', 'TRUNK_ACTS', 'LEAKY_SLOPE', 'PAPER_SETUPS', 'ARCHS', 
            'celeba_text_decoder', 'PaperSetup', 'paper_setup', 'make_encoder', 'make_decoder', 'make_networks',
            'make_classifier', 'count_params']
 
-# %% ../nbs/06_nets.ipynb #c006
+# %% ../nbs/06_nets.ipynb #c043
 class Trunk(nn.Module):
     "A feature extractor `body` mapping (B, *in_shape) to (B, out_dim)."
     def __init__(self, body: nn.Module, in_shape, out_dim: int):
@@ -27,7 +27,7 @@ class Trunk(nn.Module):
     def forward(self, x):
         return self.body(x)
 
-
+# %% ../nbs/06_nets.ipynb #c046
 class Encoder(nn.Module):
     "A trunk with linear `mu` and `logvar` heads of size `latent_dim + private_dim`."
     def __init__(self, trunk: Trunk, latent_dim: int, private_dim: int = 0):
@@ -41,7 +41,7 @@ class Encoder(nn.Module):
         h = self.trunk(x)
         return self.mu(h), self.logvar(h)
 
-
+# %% ../nbs/06_nets.ipynb #c049
 class Classifier(nn.Module):
     "A trunk with a linear layer to `num_classes` logits (optional dropout before it)."
     def __init__(self, trunk: Trunk, num_classes: int, dropout: float = 0.0):
@@ -53,7 +53,7 @@ class Classifier(nn.Module):
     def forward(self, x):
         return self.head(self.drop(self.trunk(x)))
 
-
+# %% ../nbs/06_nets.ipynb #c052
 class Decoder(nn.Module):
     "Maps z (N, in_dim) through `body` to (N, *out_shape); `out_act` is 'sigmoid' (means in [0,1]) or 'none' (logits)."
     def __init__(self, body: nn.Module, in_dim: int, out_shape, out_act: str = "sigmoid", channels_last: bool = False):
@@ -68,7 +68,7 @@ class Decoder(nn.Module):
         y = y.reshape(z.shape[0], *self.out_shape)
         return torch.sigmoid(y) if self.out_act == "sigmoid" else y
 
-# %% ../nbs/06_nets.ipynb #c008
+# %% ../nbs/06_nets.ipynb #c054
 class Transpose12(nn.Module):
     "Swap dims 1 and 2: (B, L, C) <-> (B, C, L)."
     def forward(self, x): return x.transpose(1, 2)
@@ -82,9 +82,12 @@ class Unflatten(nn.Module):
 
     def forward(self, x): return x.reshape(x.shape[0], *self.shape)
 
-# %% ../nbs/06_nets.ipynb #c041
+# %% ../nbs/06_nets.ipynb #c056
 TRUNK_INITS, TRUNK_ACTS = ("he", "torch"), ("leaky_relu", "relu")
+
+
 LEAKY_SLOPE = 0.2
+
 
 def he_init(module: nn.Module, slope: float = LEAKY_SLOPE) -> nn.Module:
     "He-normal (fan-in, leaky-ReLU gain for `slope`) weights and zero biases for every conv and linear layer of `module`; in place."
@@ -94,6 +97,7 @@ def he_init(module: nn.Module, slope: float = LEAKY_SLOPE) -> nn.Module:
             if layer.bias is not None: nn.init.zeros_(layer.bias)
     return module
 
+# %% ../nbs/06_nets.ipynb #c059
 def leaky_relu_(module: nn.Module, slope: float = LEAKY_SLOPE) -> nn.Module:
     "Replace every `nn.ReLU` inside `module` by `nn.LeakyReLU(slope)`; in place."
     for name, child in module.named_children():
@@ -101,10 +105,7 @@ def leaky_relu_(module: nn.Module, slope: float = LEAKY_SLOPE) -> nn.Module:
         else: leaky_relu_(child, slope)
     return module
 
-def _choose(name, value, options):
-    if value not in options: raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
-
-# %% ../nbs/06_nets.ipynb #c010
+# %% ../nbs/06_nets.ipynb #c061
 def mlp_trunk(shape, hidden=(256, 256)) -> Trunk:
     "Flatten then Linear+ReLU layers of sizes `hidden`."
     hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
@@ -112,7 +113,7 @@ def mlp_trunk(shape, hidden=(256, 256)) -> Trunk:
     for h in hidden: layers += [nn.Linear(d, h), nn.ReLU()]; d = h
     return Trunk(nn.Sequential(*layers), shape, d)
 
-
+# %% ../nbs/06_nets.ipynb #c063
 def mlp_decoder(in_dim: int, shape, hidden=(256, 256), out_act="sigmoid") -> Decoder:
     "Linear+ReLU layers of sizes reversed(`hidden`), then a linear layer to prod(`shape`)."
     hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
@@ -121,7 +122,7 @@ def mlp_decoder(in_dim: int, shape, hidden=(256, 256), out_act="sigmoid") -> Dec
     layers.append(nn.Linear(d, math.prod(shape)))
     return Decoder(nn.Sequential(*layers), in_dim, shape, out_act)
 
-# %% ../nbs/06_nets.ipynb #c012
+# %% ../nbs/06_nets.ipynb #c065
 def polymnist_trunk(shape=(3, 28, 28), hidden: int = 512) -> Trunk:
     "Conv 3->32->64->128 (k3 s2 p1, ReLU), flatten (2048), FC -> `hidden` (ReLU)."
     c = shape[0]
@@ -132,7 +133,7 @@ def polymnist_trunk(shape=(3, 28, 28), hidden: int = 512) -> Trunk:
         nn.Flatten(), nn.Linear(128 * 4 * 4, hidden), nn.ReLU())
     return Trunk(body, shape, hidden)
 
-
+# %% ../nbs/06_nets.ipynb #c067
 def polymnist_decoder(in_dim: int, shape=(3, 28, 28)) -> Decoder:
     "Linear -> 128x4x4, transposed convs 128->64->32->3 (4->7->14->28), sigmoid."
     c = shape[0]
@@ -143,7 +144,7 @@ def polymnist_decoder(in_dim: int, shape=(3, 28, 28)) -> Decoder:
         nn.ConvTranspose2d(32, c, 3, 2, 1, output_padding=1))
     return Decoder(body, in_dim, shape, "sigmoid")
 
-# %% ../nbs/06_nets.ipynb #c014
+# %% ../nbs/06_nets.ipynb #c069
 def mnist_trunk(shape=(1, 28, 28), hidden: int = 400) -> Trunk:
     "Flatten, FC 784 -> `hidden` (ReLU)."
     return mlp_trunk(shape, (hidden,))
@@ -153,7 +154,7 @@ def mnist_decoder(in_dim: int, shape=(1, 28, 28), hidden: int = 400) -> Decoder:
     "FC `in_dim` -> `hidden` (ReLU) -> 784, sigmoid."
     return mlp_decoder(in_dim, shape, (hidden,), "sigmoid")
 
-
+# %% ../nbs/06_nets.ipynb #c071
 def svhn_trunk(shape=(3, 32, 32)) -> Trunk:
     "Convs k4: 3->32->64->64 (s2 p1, 32->4), 64->128 (s1 p0, 4->1), ReLU; flatten (128)."
     c = shape[0]
@@ -164,7 +165,7 @@ def svhn_trunk(shape=(3, 32, 32)) -> Trunk:
         nn.Conv2d(64, 128, 4, 1, 0), nn.ReLU(), nn.Flatten())
     return Trunk(body, shape, 128)
 
-
+# %% ../nbs/06_nets.ipynb #c073
 def svhn_decoder(in_dim: int, shape=(3, 32, 32)) -> Decoder:
     "Linear -> 128x1x1, transposed convs k4 128->64 (1->4), 64->64->32->3 (4->8->16->32), sigmoid."
     c = shape[0]
@@ -176,7 +177,7 @@ def svhn_decoder(in_dim: int, shape=(3, 32, 32)) -> Decoder:
         nn.ConvTranspose2d(32, c, 4, 2, 1))
     return Decoder(body, in_dim, shape, "sigmoid")
 
-
+# %% ../nbs/06_nets.ipynb #c075
 def _check_text_len(L):
     if L < 2 or L % 2: raise ValueError(f"text length must be even and >= 2, got {L}")
 
@@ -191,7 +192,7 @@ def text_conv_trunk(shape=(8, 71), width: int = 128) -> Trunk:
         nn.Conv1d(width, width, L // 2), nn.ReLU(), nn.Flatten())
     return Trunk(body, shape, width)
 
-
+# %% ../nbs/06_nets.ipynb #c077
 def text_conv_decoder(in_dim: int, shape=(8, 71), width: int = 128) -> Decoder:
     "Linear -> `width`x1, transposed conv1d (k L/2: 1->L/2; k4 s2 p1: ->L), conv1d k1 -> C logits; (N, L, C)."
     L, C = shape; _check_text_len(L)
@@ -202,14 +203,14 @@ def text_conv_decoder(in_dim: int, shape=(8, 71), width: int = 128) -> Decoder:
         nn.Conv1d(width, C, 1))
     return Decoder(body, in_dim, shape, "none", channels_last=True)
 
-# %% ../nbs/06_nets.ipynb #c016
+# %% ../nbs/06_nets.ipynb #c079
 def _norm(kind: str, ch: int, dim: int) -> nn.Module:
     if kind == "batch": return (nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d)(ch)
     if kind == "group": return nn.GroupNorm(math.gcd(8, ch), ch)
     if kind == "none": return nn.Identity()
     raise ValueError(f"norm must be one of 'batch', 'group', 'none', got {kind!r}")
 
-
+# %% ../nbs/06_nets.ipynb #c082
 class ResBlock(nn.Module):
     "Residual block changing channels cin->cout and resolution by 2 ('down') or 1/2 ('up'), in 1-D or 2-D."
     def __init__(self, cin: int, cout: int, direction: str = "down", dim: int = 2, norm: str = "batch"):
@@ -227,7 +228,7 @@ class ResBlock(nn.Module):
     def forward(self, x):
         return self.act(self.branch(x) + self.skip(x))
 
-
+# %% ../nbs/06_nets.ipynb #c085
 def _n_halvings(n: int, what: str) -> int:
     "Number of halvings from `n` to 4; `n` must be 4 * 2**k with k >= 1."
     k = round(math.log2(n / 4)) if n >= 8 else 0
@@ -239,7 +240,7 @@ def _widths(k: int, width: int):
     "Channel sizes after the stem and each of the k-1 residual blocks: width * (1, 2, 3, 4, 5, 5, ...)."
     return [width * min(i + 1, 5) for i in range(k)]
 
-
+# %% ../nbs/06_nets.ipynb #c087
 def _res_trunk(shape, width, norm, dim):
     L = shape[-1] if dim == 2 else shape[0]
     cin = shape[0] if dim == 2 else shape[1]
@@ -252,7 +253,7 @@ def _res_trunk(shape, width, norm, dim):
     layers += [conv(ws[-1], ws[-1], 4, 1, 0), nn.ReLU(), nn.Flatten()]       # 4 -> 1
     return Trunk(nn.Sequential(*layers), shape, ws[-1])
 
-
+# %% ../nbs/06_nets.ipynb #c089
 def _res_decoder(in_dim, shape, width, norm, dim, out_act):
     L = shape[-1] if dim == 2 else shape[0]
     cout = shape[0] if dim == 2 else shape[1]
@@ -265,7 +266,7 @@ def _res_decoder(in_dim, shape, width, norm, dim, out_act):
     layers += [convT(ws[-1], cout, 4, 2, 1)]                                  # L/2 -> L
     return Decoder(nn.Sequential(*layers), in_dim, shape, out_act, channels_last=(dim == 1))
 
-
+# %% ../nbs/06_nets.ipynb #c091
 def celeba_image_trunk(shape=(3, 64, 64), width: int = 32, norm: str = "batch") -> Trunk:
     "Conv stem (k4 s2), residual down blocks to 4x4, conv k4 to 1x1; features `width`*4 for 64x64."
     return _res_trunk(shape, width, norm, 2)
@@ -285,10 +286,10 @@ def celeba_text_decoder(in_dim: int, shape=(256, 71), width: int = 32, norm: str
     "Mirror of `celeba_text_trunk` ending in C logits per position: (N, L, C)."
     return _res_decoder(in_dim, shape, width, norm, 1, "none")
 
-# %% ../nbs/06_nets.ipynb #c018
+# %% ../nbs/06_nets.ipynb #c096
 @dataclass(frozen=True)
 class PaperSetup:
-    "Hyper-parameters of one of the paper's experiments."
+    "Hyper-parameters of one of the paper's experiments; `model_options(info)` are the model's keyword arguments."
     latent_dim: int
     private_dim: int
     beta: float
@@ -298,19 +299,42 @@ class PaperSetup:
     likelihood_scale: float = 0.75
     image_likelihood: str = "laplace"
     text_likelihood: str = "categorical"
-    rec_weights: str = "data_size"
+    rec_weights: str | dict = "data_size"        # "data_size", "uniform", or {modality: weight}
     num_modalities: int = 2
+    private_beta: float = 1.0                    # the authors' beta_style: private KLs relative to the shared KL
+    private_style_weights: dict = field(default_factory=dict)   # per modality (missing: 1), times private_beta
 
     def as_dict(self): return asdict(self)
 
+    def reconstruction_weights(self, data_dims: dict) -> dict:
+        "{modality: w_m} for data sizes `data_dims` (see the rule above)."
+        if isinstance(self.rec_weights, dict):
+            if set(self.rec_weights) != set(data_dims):
+                raise ValueError(f"rec_weights name {sorted(self.rec_weights)}, the data has {sorted(data_dims)}")
+            return {m: float(self.rec_weights[m]) for m in data_dims}
+        if self.rec_weights == "uniform": return {m: 1.0 for m in data_dims}
+        if self.rec_weights == "data_size": return {m: max(data_dims.values()) / d for m, d in data_dims.items()}
+        raise ValueError(f"rec_weights must be 'data_size', 'uniform' or a dict, got {self.rec_weights!r}")
 
+    def private_kl_weights(self, modalities) -> dict:
+        "{modality: private_beta * style weight}: each private KL's weight relative to the shared KL."
+        return {m: self.private_beta * float(self.private_style_weights.get(m, 1.0)) for m in modalities}
+
+    def model_options(self, info) -> dict:
+        "Keyword arguments of `MultimodalVAE` for data `info`: rec_weights, and private_kl_weights with private latents."
+        out = {"rec_weights": self.reconstruction_weights(dict(info.data_dims))}
+        if self.private_dim: out["private_kl_weights"] = self.private_kl_weights(info.modalities)
+        return out
+
+# %% ../nbs/06_nets.ipynb #c098
 PAPER_SETUPS = {
     "polymnist": PaperSetup(latent_dim=512, private_dim=0, beta=2.5, lr=1e-3, batch_size=256, epochs=300,
                             rec_weights="uniform", num_modalities=5),
     "mnist_svhn_text": PaperSetup(latent_dim=20, private_dim=0, beta=2.5, lr=1e-3, batch_size=256, epochs=150,
                                   num_modalities=3),
     "celeba": PaperSetup(latent_dim=32, private_dim=32, beta=2.5, lr=5e-4, batch_size=256, epochs=200,
-                         num_modalities=2),
+                         rec_weights={"img": 64 * 64 / (3 * 64 * 64), "text": 64 * 64 / 256}, num_modalities=2,
+                         private_beta=2.0, private_style_weights={"img": 1.0, "text": 5.0}),
 }
 
 
@@ -319,7 +343,7 @@ def paper_setup(name: str) -> PaperSetup:
     if name not in PAPER_SETUPS: raise ValueError(f"unknown dataset {name!r}; choose from {sorted(PAPER_SETUPS)}")
     return PAPER_SETUPS[name]
 
-# %% ../nbs/06_nets.ipynb #c021
+# %% ../nbs/06_nets.ipynb #c100
 ARCHS = ("polymnist", "mnist_svhn_text", "celeba", "mlp")
 
 
@@ -333,6 +357,10 @@ def _check_alphabet(info, m, shape):
         raise ValueError(f"modality {m!r}: shape {shape} does not end in the alphabet size {len(alpha)}")
 
 
+def _choose(name, value, options):
+    if value not in options: raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
+
+# %% ../nbs/06_nets.ipynb #c103
 def _builders(info, m, arch, kw):
     "(trunk builder, decoder builder) for modality `m`; each takes the decoder input size where needed."
     shape = tuple(info.shapes[m])
@@ -373,7 +401,7 @@ def _arch(info, arch):
     if arch not in ARCHS: raise ValueError(f"unknown dataset/architecture {arch!r}; choose from {list(ARCHS)}")
     return arch
 
-
+# %% ../nbs/06_nets.ipynb #c105
 def make_encoder(info, modality: str, latent_dim: int, private_dim: int = 0, arch: str | None = None,
                  init: str = "he", act: str = "leaky_relu", **kw) -> Encoder:
     "The encoder of `modality`: (B, *shape) -> (mu, logvar), each (B, latent_dim + private_dim); trunk `init` he|torch, `act` leaky_relu|relu."
@@ -384,13 +412,13 @@ def make_encoder(info, modality: str, latent_dim: int, private_dim: int = 0, arc
     if init == "he": he_init(trunk, LEAKY_SLOPE if act == "leaky_relu" else 0.0)
     return Encoder(trunk, latent_dim, private_dim)
 
-
+# %% ../nbs/06_nets.ipynb #c107
 def make_decoder(info, modality: str, latent_dim: int, private_dim: int = 0, arch: str | None = None, **kw) -> Decoder:
     "The decoder of `modality`: (N, latent_dim + private_dim) -> (N, *shape) likelihood parameters."
     _, dec = _builders(info, modality, _arch(info, arch), kw)
     return dec(latent_dim + private_dim)
 
-
+# %% ../nbs/06_nets.ipynb #c109
 def make_networks(info, latent_dim: int, private_dim: int = 0, arch: str | None = None,
                   init: str = "he", act: str = "leaky_relu", **kw):
     "Dicts `(encoders, decoders)` keyed by `info.modalities`, chosen by `info.name` (or `arch`); `init`, `act`: the encoder trunks'."
@@ -398,7 +426,7 @@ def make_networks(info, latent_dim: int, private_dim: int = 0, arch: str | None 
     decs = {m: make_decoder(info, m, latent_dim, private_dim, arch, **kw) for m in info.modalities}
     return encs, decs
 
-
+# %% ../nbs/06_nets.ipynb #c111
 def make_classifier(info, modality: str, num_classes: int | None = None, arch: str | None = None,
                     dropout: float = 0.0, **kw) -> Classifier:
     "The encoder's trunk of `modality` with a linear layer to `num_classes` logits (default `info.num_classes`)."

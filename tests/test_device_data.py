@@ -85,6 +85,10 @@ def test_gathering_reads_nothing_back_and_data_error_reads_one_flag(data):
 def test_validate_dataset_finds_the_first_bad_tuple(data):
     tr, info = data
     validate_dataset(tr, info, batch_size=25)
+    class ByValue(torch.utils.data.Dataset):                        # the same items, no storage to prove them: checked value by value
+        def __len__(self): return len(tr)
+        def __getitem__(self, i): return tr[i]
+    validate_dataset(ByValue(), info, batch_size=25)
     validate_dataset(IncompleteDataset(tr, missing_mask(len(tr), len(info.modalities), 0.5, seed=2), info.modalities), info)
     text = [m for m in info.modalities if info.likelihoods[m] == "categorical"]
     if not text: return

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate
 
-from ..io import atomic_write
+from ..io import atomic_write, expand_path
 
 # %% auto #0
 __all__ = ['ALPHABET', 'CACHE_FORMAT', 'FULL_HASH_BYTES', 'PRESET_KEYS', 'REGISTRY', 'DATASETS', 'SOURCES',
@@ -310,7 +310,8 @@ def get_datasets(name: str, root="data", **options):
     bad = sorted(set(options) - set(allowed))
     if bad: raise ValueError(f"unknown option(s) {bad} for {name!r}; choices: {allowed}")
     if "source" in options: check_source(name, options["source"])
-    return fn(root=root, **options)
+    if options.get("folder") is not None: options["folder"] = expand_path(options["folder"], "folder")
+    return fn(root=expand_path(root, "root"), **options)
 
 # %% ../../nbs/05a_data_core.ipynb #c030
 def dataset_nbytes(ds) -> int | None:
@@ -357,18 +358,34 @@ def _batch_at(ds, idx: Tensor):
         return base[idx.to(getattr(base, "device", None) or idx.device)]
     return default_collate([ds[j] for j in idx.tolist()])
 
+def _proven_by_storage(ds, liks: dict) -> set:
+    "Modalities whose every value is valid because of how the underlying MultimodalDataset stores them (uint8)."
+    while isinstance(ds, Subset) or hasattr(ds, "base"): ds = ds.dataset if isinstance(ds, Subset) else ds.base
+    if not isinstance(ds, MultimodalDataset): return set()
+    from mopoe.likelihoods import Categorical, Likelihood
+    out = set()
+    for m, lik in liks.items():
+        t = ds.data.get(m)
+        if t is None or t.dtype != torch.uint8: continue
+        if ds.kinds[m] == "image" and type(lik).invalid_rows is Likelihood.invalid_rows:   # elementwise: all 256 values
+            if not bool(lik.invalid_rows(torch.arange(256, device=t.device).float().div_(255)).any()): out.add(m)
+        elif ds.kinds[m] == "text" and type(lik).invalid_rows is Categorical.invalid_rows:
+            if t.numel() == 0 or int(t.max()) < len(ds.alphabet): out.add(m)                # one-hot of a valid index
+    return out
+
 def validate_dataset(ds, info, likelihoods: dict | None = None, batch_size: int = 4096) -> None:
     "Check every value of `ds` once as the model checks each batch; ValueError naming the modality and the first bad tuple."
     from mopoe.likelihoods import get_likelihood
     liks = {m: get_likelihood((likelihoods or {}).get(m, info.likelihoods[m])) for m in info.modalities}
+    todo = [m for m in info.modalities if m not in _proven_by_storage(ds, liks)]
     n = len(ds)
-    for start in range(0, n, batch_size):
+    for start in range(0, n if todo else 0, batch_size):
         batch = _batch_at(ds, torch.arange(start, min(n, start + batch_size)))
         x, obs = batch[0], (batch[2] if len(batch) > 2 else None)
         bad = {}
-        for j, m in enumerate(info.modalities):
+        for m in todo:
             if m not in x: continue
-            t = x[m]
+            t, j = x[m], info.modalities.index(m)
             if not t.is_floating_point():
                 raise TypeError(f"modality {m!r} has dtype {t.dtype}; the model takes floating-point data")
             rows = liks[m].invalid_rows(t)
