@@ -303,10 +303,14 @@ def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     enc, dec = dataset_entry(cfg.dataset).networks(info, cfg.latent_dim, cfg.private_dim, init=init, act=act)
     liks = {m: get_likelihood(l, scale=cfg.likelihood_scale) if l in ("laplace", "gaussian") else get_likelihood(l)
             for m, l in info.likelihoods.items()}
-    opts = parse_objective_options(cfg.objective_options, cfg.objective)
-    return MultimodalVAE(enc, dec, liks, cfg.latent_dim, cfg.private_dim, objective=cfg.objective,
-                         rec_weights=default_rec_weights(info.data_dims), prior_expert=cfg.prior_expert, shapes=info.shapes, kl=cfg.kl,
-                         **opts)
+    opts = {"rec_weights": default_rec_weights(info.data_dims), **parse_objective_options(cfg.objective_options, cfg.objective)}
+    setup = dataset_entry(cfg.dataset).paper_setup
+    if cfg.preset == "paper" and setup is not None:                 # the authors' weights (06_nets, PaperSetup.model_options)
+        paper = setup.model_options(info)
+        opts["rec_weights"] = paper["rec_weights"]
+        if cfg.private_dim and "private_kl_weights" in paper: opts["private_kl_weights"] = paper["private_kl_weights"]
+    return MultimodalVAE(enc, dec, liks, cfg.latent_dim, cfg.private_dim, objective=cfg.objective, prior_expert=cfg.prior_expert,
+                         shapes=info.shapes, kl=cfg.kl, **opts)
 
 def pick_device(name: str = "auto") -> torch.device:
     "CUDA when present (for 'auto'), else CPU."
@@ -343,7 +347,7 @@ CHECKPOINT, PREV_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
 RUN_FILES = (CHECKPOINT, PREV_CHECKPOINT, "metrics.jsonl", "results.json")
 _REQUIRED = {"model", "optimizer", "config", "epoch", "history", "rng", "info"}
 CHECKPOINT_FORMAT = 2      # 2: the config holds every option that builds the model (BUILD_OPTIONS), under its current name
-BUILD_OPTIONS = ("dataset", "num_modalities", "latent_dim", "private_dim", "objective", "prior_expert", "likelihood_scale",
+BUILD_OPTIONS = ("dataset", "preset", "num_modalities", "latent_dim", "private_dim", "objective", "prior_expert", "likelihood_scale",
                  "encoder_init", "kl")   # objective_options too, when the checkpoint's objective takes options   # what build_model reads: a checkpoint must state each, or it is not rebuilt
 
 class CheckpointError(RuntimeError):
@@ -853,9 +857,9 @@ def main_eval(argv=None) -> int:
     return _cli("mopoe-eval", lambda: evaluate_saved(out_dir, device=device, use_prev=use_prev, **renamed_options(args)))
 
 # %% ../nbs/07_train.ipynb #c020d
-def notebook_config(namespace: dict, names_before: set) -> TrainConfig:
-    "The resolved config of a notebook's parameters: every option from `namespace`; a name that is no option is refused."
-    new = {k for k in set(namespace) - set(names_before) if not k.startswith("_")}
+def notebook_config(namespace: dict, parameter_names) -> TrainConfig:
+    "The resolved config of a notebook's parameters: options from `namespace`; a parameter name that is no option is refused."
+    new = {k for k in parameter_names if not k.startswith("_")}
     if unknown := sorted(new - set(OPTIONS) - set(RENAMED_OPTIONS)):
         raise ConfigError(f"unknown notebook parameter(s) {unknown} (a typo?); options: {', '.join(OPTIONS)}")
     vals = {k: namespace[k] for k in OPTIONS if k in namespace}

@@ -244,9 +244,7 @@ SMALL = {"polymnist": dict(num_modalities=5, num_train=4, num_test=2), "mnist_sv
          "celeba": dict(num_train=4, num_test=2)}
 
 
-@pytest.mark.parametrize("name", ["polymnist", "mnist_svhn_text", pytest.param("celeba", marks=pytest.mark.xfail(
-    strict=True, reason="until the trainer's build_model passes PaperSetup.model_options(info) on the paper preset and "
-                        "MultimodalVAE weights each private KL by private_kl_weights (issue 22, cases 15c and 6)"))])
+@pytest.mark.parametrize("name", ["polymnist", "mnist_svhn_text", "celeba"])
 def test_paper_preset_builds_the_model_its_setup_describes(name, tmp_path):
     "The fields of PAPER_SETUPS that change the model are the values the model built for `--preset paper` reads."
     from mopoe.nets import PAPER_SETUPS
