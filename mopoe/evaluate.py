@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import time
 import warnings
@@ -25,7 +24,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from threadpoolctl import threadpool_limits
 
-from .data import atomic_save
 from .experts import subset_mask, subset_names
 from .nets import make_classifier
 
@@ -255,7 +253,7 @@ def register_metric(cls):
     if not isinstance(name, str) or not name.isidentifier(): raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
     if name in _RESULT_KEYS: raise ValueError(f"metric name {name!r} is taken by a key of evaluate's result {_RESULT_KEYS}")
     old = METRICS.get(name)
-    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+    if old is not None and old.__qualname__ != cls.__qualname__:           # the same class defined again (a notebook, a reload): replaced
         raise ValueError(f"a metric named {name!r} is already registered: {old.__module__}.{old.__qualname__}")
     METRICS[name] = cls
     return cls
@@ -541,6 +539,10 @@ class LogLikelihood(Metric):
                 "by_size": {str(k): _mean(v for n, v in per.items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}}
 
 # %% ../nbs/08_evaluate.ipynb #c053
+import importlib
+importlib.import_module("mopoe.fid")                                  # registers "fid"
+
+# %% ../nbs/08_evaluate.ipynb #c056
 def results_tables(result: dict) -> dict:
     "pandas DataFrames of an `evaluate` result: latent, coherence, loglik, by_size, classifiers, time (where present)."
     import pandas as pd
