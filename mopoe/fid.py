@@ -25,7 +25,7 @@ __all__ = ['FID_PACKAGE', 'FID_PACKAGE_VERSION', 'FID_PACKAGE_MODULE', 'FID_PACK
            'PYTORCH_FID_FILE', 'PYTORCH_FID_SHA256_PREFIX', 'FID_INSTALL', 'INCEPTION_CACHE_VERSION',
            'REFERENCE_CACHE_VERSION', 'FID_NOTE', 'FIDWeightsError', 'package_weights_path', 'sha256_file',
            'identify_weights', 'fid_inception_untrained', 'convert_torchscript', 'inception_state', 'prepare_images',
-           'FIDInception', 'feature_stats', 'FeatureMoments', 'sqrt_psd', 'frechet_distance', 'precision_recall',
+           'FIDInception', 'feature_stats', 'FeatureMoments', 'psd_root', 'frechet_distance', 'precision_recall',
            'images_digest', 'features_of', 'reference_features', 'is_image', 'fid_sources', 'FID', 'fid_table',
            'plot_fid_matrix']
 
@@ -193,17 +193,18 @@ class FeatureMoments:
         cov = (self.s2 - self.n * torch.outer(m, m)) / (self.n - 1)
         return (self.shift + m).cpu().numpy(), cov.cpu().numpy()
 
-def sqrt_psd(sigma: np.ndarray) -> np.ndarray:
-    "Symmetric square root of a positive semi-definite matrix (negative rounding-error eigenvalues set to 0)."
+def psd_root(sigma: np.ndarray) -> tuple:
+    "(V, s): Σ^½ = V diag(s) Vᵀ on the range of a PSD matrix Σ (eigenvalues below its rounding level, λmax·d·ε, dropped)."
     lam, V = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (V * np.sqrt(np.clip(lam, 0, None))) @ V.T
+    keep = lam > lam.max(initial=0.0) * len(lam) * np.finfo(np.float64).eps
+    return V[:, keep], np.sqrt(lam[keep])
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1=None) -> float:
-    "||mu1 - mu2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½) in float64; pass `sqrt_sigma1` = sqrt_psd(Σ1) to reuse it."
+def frechet_distance(mu1, sigma1, mu2, sigma2, root1=None) -> float:
+    "||mu1 - mu2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½) in float64; pass `root1` = psd_root(Σ1) to reuse it."
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape: raise ValueError(f"shapes differ: {mu1.shape}/{mu2.shape}, {sigma1.shape}/{sigma2.shape}")
-    A = sqrt_psd(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
-    M = A @ sigma2 @ A
+    V, s = psd_root(sigma1) if root1 is None else root1
+    M = s[:, None] * (V.T @ sigma2 @ V) * s[None, :]                                   # Σ1^½ Σ2 Σ1^½ in Σ1's eigenbasis
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
     d = mu1 - mu2
     return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
@@ -339,8 +340,8 @@ class FID(Metric):
 
     def end(self, ctx):
         stats = {t: feature_stats(self.ref[t]) for t in self.targets}
-        roots = {t: sqrt_psd(stats[t][1]) for t in self.targets}
-        fid = lambda t, mu, sigma: frechet_distance(*stats[t], mu, sigma, sqrt_sigma1=roots[t])
+        roots = {t: psd_root(stats[t][1]) for t in self.targets}
+        fid = lambda t, mu, sigma: frechet_distance(*stats[t], mu, sigma, root1=roots[t])
         uncond = {}
         for t in self.targets:
             f = torch.cat(self.uncond[t])
@@ -379,12 +380,12 @@ def plot_fid_matrix(result: dict, title: str | None = None, figsize=None):
     A = np.ma.masked_invalid(df.to_numpy(dtype=float))
     fig = Figure(figsize=figsize or (2.2 + 0.9 * df.shape[1], 1.2 + 0.35 * df.shape[0]), layout="constrained")
     ax = fig.subplots()
-    cmap = matplotlib.colormaps["viridis"].copy(); cmap.set_bad("0.9")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.9")
     im = ax.imshow(A, cmap=cmap, aspect="auto")
     lo, hi = (float(A.min()), float(A.max())) if A.count() else (0.0, 1.0)
     for (i, j), v in np.ndenumerate(df.to_numpy(dtype=float)):
         if np.isfinite(v):
-            ax.text(j, i, f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}", ha="center", va="center", fontsize=8,
+            ax.text(j, i, f"{max(v, 0.0):.1f}" if abs(v) < 100 else f"{v:.0f}",       # FID >= 0; -1e-12 is rounding ha="center", va="center", fontsize=8,
                     color="white" if v < (lo + hi) / 2 else "black")
     ax.set_xticks(range(df.shape[1]), df.columns); ax.set_yticks(range(df.shape[0]), df.index)
     ax.set_xlabel("target"); ax.set_ylabel("generated from")
