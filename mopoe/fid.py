@@ -335,7 +335,7 @@ class FID(Metric):
         self.precision_recall, self.extractor, self.feature_batch = precision_recall, extractor, feature_batch
 
     def settings(self):
-        return {"fid_samples": self.fid_samples, "fid_weights": None if self.fid_weights is None else str(self.fid_weights),
+        return {"fid_samples": self.fid_samples, "fid_weights": str(self.fid_weights) if self.fid_weights else None,
                 "fid_all_subsets": self.all_subsets}
 
     def _features(self, x: Tensor) -> Tensor:
