@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,14 +24,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from threadpoolctl import threadpool_limits
 
-from .data import atomic_save
 from .experts import subset_mask, subset_names
 from .nets import make_classifier
 
 # %% auto #0
-__all__ = ['CLASSIFIER_CACHE_VERSION', 'METRICS', 'eval_mode', 'Classifiers', 'average_precisions', 'classifier_accuracy',
-           'train_classifiers', 'encode_subsets', 'fit_latent_classifiers', 'latent_classification', 'joint_coherence',
-           'evaluate', 'results_tables', 'plot_by_num_inputs']
+__all__ = ['CLASSIFIER_CACHE_VERSION', 'METRICS', 'DEFAULT_METRICS', 'eval_mode', 'Classifiers', 'average_precisions',
+           'classifier_accuracy', 'train_classifiers', 'EvalContext', 'Metric', 'register_metric', 'get_metric',
+           'evaluate', 'encode_subsets', 'fit_latent_classifiers', 'latent_classification', 'Latent', 'joint_coherence',
+           'Coherence', 'LogLikelihood', 'results_tables', 'plot_by_num_inputs']
 
 # %% ../nbs/08_evaluate.ipynb #c006
 def _modules(*objs):
@@ -43,6 +43,7 @@ def _modules(*objs):
         elif isinstance(o, nn.Module): out.append(o)
     return out
 
+# %% ../nbs/08_evaluate.ipynb #c007
 @contextmanager
 def eval_mode(*objs):
     "Put modules (or dicts of modules) in eval mode inside the block; restore every submodule's flag afterwards."
@@ -53,17 +54,20 @@ def eval_mode(*objs):
     finally:
         for m, flag in saved: m.training = flag
 
+# %% ../nbs/08_evaluate.ipynb #c009
 def _device_of(*objs, default="cpu") -> torch.device:
     "The device of the first parameter or buffer found, else `default`."
     for o in _modules(*objs):
         for t in list(o.parameters()) + list(o.buffers()): return t.device
     return torch.device(default)
 
+# %% ../nbs/08_evaluate.ipynb #c010
 def _fork_rng(device):
     "Fork the CPU RNG (and the CUDA one of `device`) so that seeding inside does not touch the caller's state."
     device = torch.device(device)
     return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
 
+# %% ../nbs/08_evaluate.ipynb #c012
 def _take(ds: Dataset, n: int | None, seed: int, shuffle: bool = False) -> Dataset:
     "A seeded random selection of `n` items of `ds` (all when n is None), in random order if `shuffle`."
     N = len(ds)
@@ -72,29 +76,28 @@ def _take(ds: Dataset, n: int | None, seed: int, shuffle: bool = False) -> Datas
     idx = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:n]
     return Subset(ds, (idx if shuffle else idx.sort().values).tolist())
 
+# %% ../nbs/08_evaluate.ipynb #c013
 def _loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
-
 def _to(x: dict, device) -> dict: return {m: t.to(device) for m, t in x.items()}
 
+# %% ../nbs/08_evaluate.ipynb #c015
 def _mean(values):
     "Mean of the values that are not None (None when there are none)."
     v = [float(a) for a in values if a is not None]
     return float(np.mean(v)) if v else None
 
+# %% ../nbs/08_evaluate.ipynb #c016
 _INFO_KEY_FIELDS = ("name", "modalities", "shapes", "likelihoods", "num_classes", "multilabel", "label_names",
                     "synthetic", "alphabet", "sizes", "source", "options")
-
 def _info_dict(info) -> dict:
     "The fields of a dataset info that determine its content, as plain JSON data (for cache keys; no timings or paths)."
     d = {k: getattr(info, k, None) for k in _INFO_KEY_FIELDS}
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
-# %% ../nbs/08_evaluate.ipynb #c011
+# %% ../nbs/08_evaluate.ipynb #c021
 from .io import CorruptFileError, load_verified, save_verified
-
 CLASSIFIER_CACHE_VERSION = 2   # 2: verified plain-data file (mopoe.io)
-
 class Classifiers(dict):
     "Per-modality classifiers {modality: nn.Module}, frozen in eval mode, with their test `scores` and `metric`."
     def __init__(self, nets: dict, scores: dict | None = None, metric: str = "accuracy", path: str | None = None, from_cache: bool = False):
@@ -105,18 +108,20 @@ class Classifiers(dict):
         s = ", ".join(f"{m}: {v:.3f}" for m, v in self.scores.items()) if self.scores else "not tested"
         return f"Classifiers({list(self)}; test {self.metric}: {s}{'; loaded from cache' if self.from_cache else ''})"
 
+# %% ../nbs/08_evaluate.ipynb #c023
 def _freeze(nets: dict, device) -> dict:
     for net in nets.values(): net.to(device).eval().requires_grad_(False)
     return nets
 
+# %% ../nbs/08_evaluate.ipynb #c024
 def _metric_name(info) -> str: return "average_precision" if info.multilabel else "accuracy"
-
 def average_precisions(y_true, scores) -> list:
     "Average precision per attribute of (N, A) 0/1 labels and (N, A) scores; None where the labels have no positive."
     y_true, scores = np.asarray(y_true), np.asarray(scores)
     return [float(average_precision_score(y_true[:, a], scores[:, a])) if y_true[:, a].any() else None
             for a in range(y_true.shape[1])]
 
+# %% ../nbs/08_evaluate.ipynb #c026
 @torch.no_grad()
 def classifier_accuracy(classifiers: dict, test_ds: Dataset, info, batch_size: int = 256, device=None) -> dict:
     "Test accuracy (multilabel: mean average precision over attributes) of each modality's classifier on real data."
@@ -133,6 +138,7 @@ def classifier_accuracy(classifiers: dict, test_ds: Dataset, info, batch_size: i
     y = torch.cat(labels).numpy()
     return {m: _mean(average_precisions(y, torch.cat(s).numpy())) for m, s in scores.items()}
 
+# %% ../nbs/08_evaluate.ipynb #c028
 def _load_classifier_cache(path, nets: dict, settings: dict, info) -> dict | None:
     "The validated cache blob loaded into `nets`, or None (with a warning saying why) when it is missing or damaged."
     if not path or not os.path.exists(path): return None
@@ -148,6 +154,7 @@ def _load_classifier_cache(path, nets: dict, settings: dict, info) -> dict | Non
         warnings.warn(f"classifier cache {path} is damaged or stale ({' '.join(str(e).split())[:300]}); retraining the classifiers")
         return None
 
+# %% ../nbs/08_evaluate.ipynb #c030
 def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, device=None,
                       cache_dir: str | None = None, seed: int = 0, test_ds: Dataset | None = None, arch: str | None = None,
                       max_train: int | None = None, progress: bool = True, **net_kw) -> Classifiers:
@@ -195,25 +202,164 @@ def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int 
     if progress: print(out)
     return out
 
+# %% ../nbs/08_evaluate.ipynb #c036
+@dataclass
+class EvalContext:
+    "What a metric sees during `evaluate`'s pass: model, data, the subsets of the modalities, the result being built."
+    model: nn.Module
+    train_ds: Dataset | None
+    test_ds: Dataset                        # the (capped, seeded-shuffled) test set the pass runs over
+    info: object
+    classifiers: dict | None = None
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    batch_size: int = 256
+    progress: bool = False
+    result: dict = field(default_factory=dict)
 
-# %% ../nbs/08_evaluate.ipynb #c017
+    def __post_init__(self):
+        self.modalities = list(self.model.modalities)
+        self.mask = subset_mask(len(self.modalities))
+        self.names = subset_names(self.mask, self.modalities)                   # by size, then lexicographic
+        self.givens = {n: [m for m, on in zip(self.modalities, r.tolist()) if on] for n, r in zip(self.names, self.mask)}
+        self.sizes = {n: len(g) for n, g in self.givens.items()}
+        self.multilabel = bool(self.info.multilabel)
+        self.result.setdefault("n", {})
+
+    @property
+    def n(self) -> dict: return self.result["n"]       # example counts; a metric adds its own ("joint", "loglik", ...)
+
+# %% ../nbs/08_evaluate.ipynb #c039
+class Metric:
+    "A metric computed in `evaluate`'s one pass: `begin(ctx)`, `batch(ctx, x, y, experts)` per test batch, `end(ctx) -> dict`."
+    name: str | None = None           # the key of its result
+    needs_classifiers: bool = False   # the coherence classifiers must be passed to `evaluate`
+    config_options: tuple = ()        # TrainConfig options passed to the constructor by `from_config`
+
+    @classmethod
+    def from_config(cls, cfg):
+        "The metric configured by the `config_options` of a `TrainConfig` (or anything with those attributes)."
+        return cls(**{k: getattr(cfg, k) for k in cls.config_options})
+
+    def settings(self) -> dict: return {}                      # recorded in the result's "settings"
+    def begin(self, ctx: EvalContext): pass
+    def batch(self, ctx: EvalContext, x: dict, y: Tensor, experts): pass
+    def end(self, ctx: EvalContext) -> dict: raise NotImplementedError(f"{type(self).__name__} must define end(ctx) -> dict")
+    def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+
+# %% ../nbs/08_evaluate.ipynb #c041
+METRICS: dict = {}                                         # name -> Metric subclass
+DEFAULT_METRICS = ("latent", "coherence", "loglik")
+_RESULT_KEYS = ("dataset", "modalities", "subsets", "subset_sizes", "metric", "n", "metrics", "settings", "classifiers", "time")
+def register_metric(cls):
+    "Class decorator: make a `Metric` subclass available to `evaluate` (and the `metrics` option) under `cls.name`."
+    if not (isinstance(cls, type) and issubclass(cls, Metric)): raise TypeError(f"register_metric expects a Metric subclass, got {cls!r}")
+    name = cls.name
+    if not isinstance(name, str) or not name.isidentifier(): raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
+    if name in _RESULT_KEYS: raise ValueError(f"metric name {name!r} is taken by a key of evaluate's result {_RESULT_KEYS}")
+    old = METRICS.get(name)
+    if old is not None and old.__qualname__ != cls.__qualname__:           # the same class defined again (a notebook, a reload): replaced
+        raise ValueError(f"a metric named {name!r} is already registered: {old.__module__}.{old.__qualname__}")
+    METRICS[name] = cls
+    return cls
+
+# %% ../nbs/08_evaluate.ipynb #c042
+def get_metric(metric, **options) -> Metric:
+    "A `Metric` instance from a registered name (built with `options`), a Metric class, or an instance (returned as is)."
+    if isinstance(metric, Metric):
+        if options: raise ValueError(f"options {sorted(options)} apply to a metric name, not to the instance {metric!r}")
+        return metric
+    if isinstance(metric, type) and issubclass(metric, Metric): return metric(**options)
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; registered metrics: {', '.join(METRICS) or 'none'}")
+    return METRICS[metric](**options)
+
+# %% ../nbs/08_evaluate.ipynb #c045
+def _resolve_metrics(metrics, options: dict) -> list:
+    "Metric instances for `metrics` (names, classes, instances or a comma list); a name gets the `options` its constructor takes."
+    if isinstance(metrics, str): metrics = [s.strip() for s in metrics.split(",") if s.strip()]
+    elif isinstance(metrics, Metric): metrics = [metrics]
+    out = []
+    for m in metrics:
+        if isinstance(m, str) and m in METRICS:
+            params = inspect.signature(METRICS[m]).parameters
+            m = get_metric(m, **{k: v for k, v in options.items() if k in params})
+        out.append(get_metric(m))
+    if not out: raise ValueError("no metric chosen")
+    names = [m.name for m in out]
+    if dup := sorted({n for n in names if names.count(n) > 1}): raise ValueError(f"metrics {dup} chosen more than once")
+    return out
+
+# %% ../nbs/08_evaluate.ipynb #c046
+def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict | None = None, num_latent_train: int = 500,
+             num_samples: int = 15, batch_size: int = 256, max_test: int | None = None, device=None, progress: bool = True,
+             metrics=DEFAULT_METRICS, num_joint: int | None = None, max_test_loglik: int | None = None,
+             loglik_decode_batch: int = 256, seed: int = 0) -> dict:
+    "The `metrics` (names or `Metric` instances) of every subset in one pass over the test set: a JSON-serializable dict."
+    t_start = time.perf_counter()
+    metrics = _resolve_metrics(metrics, dict(num_latent_train=num_latent_train, num_joint=num_joint, loglik_samples=num_samples,
+                                             loglik_max_test=max_test_loglik, loglik_decode_batch=loglik_decode_batch))
+    mods = list(model.modalities)
+    if set(mods) != set(info.modalities): raise ValueError(f"the model has modalities {mods} but the dataset {list(info.modalities)}")
+    if classifiers is not None and (missing := [m for m in mods if m not in classifiers]):
+        raise ValueError(f"no classifier for modalities {missing}")
+    if classifiers is None and (need := [m.name for m in metrics if m.needs_classifiers]):
+        raise ValueError(f"{', '.join(need)} needs `classifiers` (see train_classifiers)")
+    if device is not None:
+        device = torch.device(device); model.to(device)
+        for c in (classifiers or {}).values(): c.to(device)
+    device = _device_of(model) if device is None else device
+    test = _take(test_ds, max_test, seed + 1, shuffle=True)
+    if len(test) == 0: raise ValueError("the test set is empty")
+    settings = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "num_latent_train": num_latent_train,
+                "max_test": max_test, "max_test_loglik": max_test_loglik}
+    for m in metrics: settings.update(m.settings())
+    res = {"dataset": info.name, "modalities": mods, "subsets": None, "subset_sizes": None, "metric": _metric_name(info),
+           "n": {"test": len(test)}, "metrics": [m.name for m in metrics], "settings": settings}
+    ctx = EvalContext(model, train_ds, test, info, classifiers, device, seed, batch_size, progress, res)
+    res.update(subsets=ctx.names, subset_sizes=ctx.sizes)
+    T = {"encode": 0.0, **dict.fromkeys(DEFAULT_METRICS, 0.0), **dict.fromkeys(res["metrics"], 0.0)}
+    def hook(m, name, *args):
+        t = time.perf_counter()
+        out = getattr(m, name)(ctx, *args)
+        T[m.name] += time.perf_counter() - t
+        return out
+    with eval_mode(model, classifiers), torch.no_grad(), _fork_rng(device):
+        torch.manual_seed(seed)
+        for m in metrics: hook(m, "begin")
+        for x, y in tqdm(_loader(test, batch_size), desc="evaluate", disable=not progress):
+            x = _to(x, device)
+            t = time.perf_counter()
+            ex = model.experts(x)                                                   # one encoder pass, shared by all metrics
+            T["encode"] += time.perf_counter() - t
+            for m in metrics: hook(m, "batch", x, y, ex)
+        for m in metrics: res[m.name] = hook(m, "end")
+    T["total"] = time.perf_counter() - t_start
+    T["other"] = T["total"] - sum(v for k, v in T.items() if k != "total")
+    res["time"] = {k: round(v, 4) for k, v in T.items()}
+    return res
+
+# %% ../nbs/08_evaluate.ipynb #c049
 class _Constant:
     "A classifier for training labels of a single class: predicts it."
     def __init__(self, c): self.c = c
     def predict(self, X): return np.full(len(X), self.c)
 
+# %% ../nbs/08_evaluate.ipynb #c050
 def _fit_lr(X, y, seed):
     if len(np.unique(y)) < 2: return _Constant(y[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return LogisticRegression(max_iter=1000, random_state=seed).fit(X, y)
 
+# %% ../nbs/08_evaluate.ipynb #c052
 def _subset_means(model, x: dict, experts=None) -> Tensor:
     "Posterior means of every subset (S, B, D), reusing `experts` when the model's `subset_means` accepts them."
     if experts is not None and "experts" in inspect.signature(model.subset_means).parameters:
         return model.subset_means(x, experts=experts)
     return model.subset_means(x)
 
+# %% ../nbs/08_evaluate.ipynb #c053
 @torch.no_grad()
 def encode_subsets(model, ds: Dataset, batch_size: int = 256, device=None):
     "Posterior means of every subset for all of `ds`: (S, N, D) numpy array and the labels as numpy."
@@ -223,12 +369,14 @@ def encode_subsets(model, ds: Dataset, batch_size: int = 256, device=None):
         Z.append(_subset_means(model, _to(x, device)).float().cpu()); Y.append(y)
     return torch.cat(Z, 1).numpy(), torch.cat(Y).numpy()
 
+# %% ../nbs/08_evaluate.ipynb #c054
 def fit_latent_classifiers(Z: np.ndarray, y: np.ndarray, multilabel: bool = False, seed: int = 0) -> list:
     "One logistic regression per subset on encodings Z (S, n, D); multilabel: a list per subset, None where an attribute has one class."
     with threadpool_limits(1, user_api="blas"):
         if multilabel: return [[_fit_lr(Zs, y[:, a], seed) if len(np.unique(y[:, a])) > 1 else None for a in range(y.shape[1])] for Zs in Z]
         return [_fit_lr(Zs, y, seed) for Zs in Z]
 
+# %% ../nbs/08_evaluate.ipynb #c056
 class _LatentScorer:
     "Accumulates the latent classification of test batches: correct counts, or scores per attribute."
     def __init__(self, fitted, multilabel):
@@ -253,6 +401,7 @@ class _LatentScorer:
             per_attr[n] = {l: (a if c is not None else None) for l, a, c in zip(label_names, ap, clf)}
         return {"per_subset": {n: _mean(v.values()) for n, v in per_attr.items()}, "per_attribute": per_attr}
 
+# %% ../nbs/08_evaluate.ipynb #c058
 def latent_classification(model, train_ds: Dataset, test_ds: Dataset, info, num_train: int = 500, batch_size: int = 256,
                           device=None, seed: int = 0) -> dict:
     "Accuracy (multilabel: mean AP) of a logistic regression per subset trained on `num_train` training encodings."
@@ -264,7 +413,30 @@ def latent_classification(model, train_ds: Dataset, test_ds: Dataset, info, num_
         for x, y in _loader(test_ds, batch_size): scorer.update(_subset_means(model, _to(x, device)).float().cpu().numpy(), y.numpy())
     return scorer.result(names, info.label_names)
 
-# %% ../nbs/08_evaluate.ipynb #c022
+# %% ../nbs/08_evaluate.ipynb #c063
+@register_metric
+class Latent(Metric):
+    "Linear classification of the posterior mean of every subset: logistic regressions fitted on `num_latent_train` training encodings."
+    name = "latent"
+    def __init__(self, num_latent_train: int = 500): self.num_latent_train = num_latent_train
+    def settings(self): return {"num_latent_train": self.num_latent_train}
+
+    def begin(self, ctx):
+        if ctx.train_ds is None: raise ValueError("the latent metric needs a training set (train_ds) to fit its classifiers")
+        tr = _take(ctx.train_ds, self.num_latent_train, ctx.seed)
+        Z, y = encode_subsets(ctx.model, tr, ctx.batch_size, ctx.device)          # the 500 training examples, once
+        self.scorer = _LatentScorer(fit_latent_classifiers(Z, y, ctx.multilabel, ctx.seed), ctx.multilabel)
+        ctx.n["latent_train"] = len(tr)
+
+    def batch(self, ctx, x, y, experts):
+        self.scorer.update(_subset_means(ctx.model, x, experts).float().cpu().numpy(), y.numpy())
+
+    def end(self, ctx):
+        lat = self.scorer.result(ctx.names, ctx.info.label_names)
+        lat["by_size"] = {str(k): _mean(v for n, v in lat["per_subset"].items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}
+        return lat
+
+# %% ../nbs/08_evaluate.ipynb #c067
 def _by_size_coherence(cond: dict, givens: dict, modalities: list) -> dict:
     "Averages of the conditional coherence over (subset of size k, target) pairs: targets outside the subset, and all."
     M = len(modalities)
@@ -275,6 +447,7 @@ def _by_size_coherence(cond: dict, givens: dict, modalities: list) -> dict:
         if k < M: excl[str(k)] = _mean(cond[n][m] for n in subs for m in modalities if m not in givens[n])
     return {"excl_target": excl, "all": allp}
 
+# %% ../nbs/08_evaluate.ipynb #c069
 @torch.no_grad()
 def joint_coherence(model, classifiers: dict, n: int, multilabel: bool = False, batch_size: int = 256) -> dict:
     "Fraction of `n` prior samples whose modalities are all classified alike (multilabel: attribute agreement)."
@@ -291,129 +464,100 @@ def joint_coherence(model, classifiers: dict, n: int, multilabel: bool = False, 
     v = agree / max(n, 1)
     return {"joint": None, "joint_attribute_agreement": v} if multilabel else {"joint": v}
 
-# %% ../nbs/08_evaluate.ipynb #c025
-METRICS = ("latent", "coherence", "loglik")
+# %% ../nbs/08_evaluate.ipynb #c071
+@register_metric
+class Coherence(Metric):
+    "Conditional coherence of every target given every subset, and joint coherence of `num_joint` prior samples (None: as many as test tuples)."
+    name, needs_classifiers = "coherence", True
+    def __init__(self, num_joint: int | None = None): self.num_joint = num_joint
 
+    def begin(self, ctx):
+        S, M = len(ctx.names), len(ctx.modalities)
+        n_joint = len(ctx.test_ds) if self.num_joint is None else int(self.num_joint)
+        self.joint = joint_coherence(ctx.model, ctx.classifiers, n_joint, ctx.multilabel, ctx.batch_size)
+        ctx.n["joint"] = n_joint
+        self.correct, self.gen_scores = torch.zeros(S, M, dtype=torch.float64), [[[] for _ in range(M)] for _ in range(S)]
+        self.real_correct, self.real_scores = torch.zeros(M, dtype=torch.float64), [[] for _ in range(M)]
+        self.labels, self.N = [], 0
+
+    def _score(self, logits, y, scores: list, correct, idx):
+        if scores is not None: scores.append(logits)
+        else: correct[idx] += (logits.argmax(1) == y).sum().item()
+
+    def batch(self, ctx, x, y, experts):
+        ml, clf = ctx.multilabel, ctx.classifiers
+        for j, m in enumerate(ctx.modalities):                                    # the classifiers on real data
+            self._score(clf[m](x[m]).float().cpu(), y, self.real_scores[j] if ml else None, self.real_correct, j)
+        for s, sub in enumerate(ctx.names):
+            gen = ctx.model.cond_generate(x, given=ctx.givens[sub], experts=experts)
+            for j, m in enumerate(ctx.modalities):
+                self._score(clf[m](gen[m]).float().cpu(), y, self.gen_scores[s][j] if ml else None, self.correct, (s, j))
+        self.labels.append(y); self.N += len(y)
+
+    def end(self, ctx):
+        coh, mods, names = dict(self.joint), ctx.modalities, ctx.names
+        if ctx.multilabel:
+            y = torch.cat(self.labels).numpy()
+            per_attr = {n: {m: dict(zip(ctx.info.label_names, average_precisions(y, torch.cat(self.gen_scores[s][j]).numpy())))
+                            for j, m in enumerate(mods)} for s, n in enumerate(names)}
+            coh["conditional"] = {n: {m: _mean(v.values()) for m, v in d.items()} for n, d in per_attr.items()}
+            coh["per_attribute"] = per_attr
+            ctx.result["classifiers"] = {m: _mean(average_precisions(y, torch.cat(self.real_scores[j]).numpy())) for j, m in enumerate(mods)}
+        else:
+            coh["conditional"] = {n: {m: float(self.correct[s, j] / self.N) for j, m in enumerate(mods)} for s, n in enumerate(names)}
+            ctx.result["classifiers"] = {m: float(self.real_correct[j] / self.N) for j, m in enumerate(mods)}
+        coh["by_size"] = _by_size_coherence(coh["conditional"], ctx.givens, mods)
+        return coh
+
+# %% ../nbs/08_evaluate.ipynb #c075
 def _slice_experts(ex, sl: slice):
     "Rows `sl` of an encoding `model.experts(x)` = (mu, logvar (M, B, D), present (M,), {m: (mu, logvar) (B, Dp)})."
     mu, lv, present, private = ex
     return mu[:, sl], lv[:, sl], present, {m: (a[sl], b[sl]) for m, (a, b) in private.items()}
 
+# %% ../nbs/08_evaluate.ipynb #c076
 def _chunks(x: dict, ex, k: int, rows: int):
     "The first k rows of a batch and of its encoding, in chunks of `rows`."
     for c in range(0, k, rows):
         sl = slice(c, min(c + rows, k))
         yield {m: t[sl] for m, t in x.items()}, _slice_experts(ex, sl)
 
-def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict | None = None, num_latent_train: int = 500,
-             num_samples: int = 15, batch_size: int = 256, max_test: int | None = None, device=None, progress: bool = True,
-             metrics=METRICS, num_joint: int | None = None, max_test_loglik: int | None = None,
-             loglik_decode_batch: int = 256, seed: int = 0) -> dict:
-    "Latent classification, coherence and test log-likelihoods of every subset in one pass: a JSON-serializable dict."
-    t_start = time.perf_counter()
-    metrics = tuple(metrics)
-    if bad := [m for m in metrics if m not in METRICS]: raise ValueError(f"unknown metrics {bad}; choose from {list(METRICS)}")
-    mods = list(model.modalities)
-    if set(mods) != set(info.modalities): raise ValueError(f"the model has modalities {mods} but the dataset {list(info.modalities)}")
-    if classifiers is not None and (missing := [m for m in mods if m not in classifiers]):
-        raise ValueError(f"no classifier for modalities {missing}")
-    if "coherence" in metrics and classifiers is None: raise ValueError("coherence needs `classifiers` (see train_classifiers)")
-    if device is not None:
-        device = torch.device(device); model.to(device)
-        for c in (classifiers or {}).values(): c.to(device)
-    device = _device_of(model) if device is None else device
-    multilabel, M = bool(info.multilabel), len(mods)
-    mask = subset_mask(M)
-    names = subset_names(mask, mods)
-    givens = {n: [m for m, on in zip(mods, r.tolist()) if on] for n, r in zip(names, mask)}   # subset name -> its modalities
-    sizes = {n: len(g) for n, g in givens.items()}
-    test = _take(test_ds, max_test, seed + 1, shuffle=True)
-    N = len(test)
-    if N == 0: raise ValueError("the test set is empty")
-    n_ll = N if max_test_loglik is None else min(int(max_test_loglik), N)
-    if n_ll < 1: raise ValueError(f"max_test_loglik must be at least 1, got {max_test_loglik}")
-    n_joint = N if num_joint is None else int(num_joint)
-    T = dict(encode=0.0, latent=0.0, coherence=0.0, loglik=0.0)
-    res = {"dataset": info.name, "modalities": mods, "subsets": names, "subset_sizes": sizes,
-           "metric": _metric_name(info), "n": {"test": N}, "metrics": list(metrics),
-           "settings": {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "num_latent_train": num_latent_train,
-                        "max_test": max_test, "max_test_loglik": max_test_loglik}}
-    with eval_mode(model, classifiers), torch.no_grad(), _fork_rng(device):
-        torch.manual_seed(seed)
-        if "latent" in metrics:
-            t = time.perf_counter()
-            tr = _take(train_ds, num_latent_train, seed)
-            Z, ytr = encode_subsets(model, tr, batch_size, device)                 # the 500 training examples, once
-            scorer = _LatentScorer(fit_latent_classifiers(Z, ytr, multilabel, seed), multilabel)
-            res["n"]["latent_train"] = len(tr)
-            T["latent"] += time.perf_counter() - t
-        if "coherence" in metrics:
-            t = time.perf_counter()
-            res["coherence"] = joint_coherence(model, classifiers, n_joint, multilabel, batch_size)
-            res["n"]["joint"] = n_joint
-            T["coherence"] += time.perf_counter() - t
-            correct, gen_scores = torch.zeros(len(names), M, dtype=torch.float64), [[[] for _ in mods] for _ in names]
-            real_correct, real_scores = torch.zeros(M, dtype=torch.float64), [[] for _ in mods]
-        labels, seen = [], 0
-        if "loglik" in metrics: ll_mix, ll_sub = 0.0, torch.zeros(len(names), dtype=torch.float64)
-        for x, y in tqdm(_loader(test, batch_size), desc="evaluate", disable=not progress):
-            x = _to(x, device); B = len(y)
-            t = time.perf_counter()
-            ex = model.experts(x)                                                   # one encoder pass, reused below
-            T["encode"] += time.perf_counter() - t
-            if "latent" in metrics:
-                t = time.perf_counter()
-                scorer.update(_subset_means(model, x, ex).float().cpu().numpy(), y.numpy())
-                T["latent"] += time.perf_counter() - t
-            if "coherence" in metrics:
-                t = time.perf_counter()
-                for j, m in enumerate(mods):                                        # the classifiers on real data
-                    logits = classifiers[m](x[m]).float().cpu()
-                    if multilabel: real_scores[j].append(logits)
-                    else: real_correct[j] += (logits.argmax(1) == y).sum().item()
-                for s, sub in enumerate(names):
-                    gen = model.cond_generate(x, given=givens[sub], experts=ex)
-                    for j, m in enumerate(mods):
-                        logits = classifiers[m](gen[m]).float().cpu()
-                        if multilabel: gen_scores[s][j].append(logits)
-                        else: correct[s, j] += (logits.argmax(1) == y).sum().item()
-                T["coherence"] += time.perf_counter() - t
-            if "loglik" in metrics and seen < n_ll:
-                t = time.perf_counter()
-                for xs, exs in _chunks(x, ex, min(B, n_ll - seen), max(1, loglik_decode_batch // num_samples)):
-                    ll_mix += model.log_likelihood(xs, num_samples=num_samples, experts=exs, proposal="training_mixture").double().sum().item()
-                    for s, sub in enumerate(names):
-                        ll_sub[s] += model.log_likelihood(xs, given=givens[sub], num_samples=num_samples, experts=exs).double().sum().item()
-                T["loglik"] += time.perf_counter() - t
-            labels.append(y); seen += B
-        y_all = torch.cat(labels).numpy() if labels else np.zeros(0)
-    if "latent" in metrics:
-        lat = scorer.result(names, info.label_names)
-        lat["by_size"] = {str(k): _mean(v for n, v in lat["per_subset"].items() if sizes[n] == k) for k in range(1, M + 1)}
-        res["latent"] = lat
-    if "coherence" in metrics:
-        coh = res["coherence"]
-        if multilabel:
-            per_attr = {n: {m: dict(zip(info.label_names, average_precisions(y_all, torch.cat(gen_scores[s][j]).numpy())))
-                            for j, m in enumerate(mods)} for s, n in enumerate(names)}
-            coh["conditional"] = {n: {m: _mean(v.values()) for m, v in d.items()} for n, d in per_attr.items()}
-            coh["per_attribute"] = per_attr
-            res["classifiers"] = {m: _mean(average_precisions(y_all, torch.cat(real_scores[j]).numpy())) for j, m in enumerate(mods)}
-        else:
-            coh["conditional"] = {n: {m: float(correct[s, j] / N) for j, m in enumerate(mods)} for s, n in enumerate(names)}
-            res["classifiers"] = {m: float(real_correct[j] / N) for j, m in enumerate(mods)}
-        coh["by_size"] = _by_size_coherence(coh["conditional"], givens, mods)
-    if "loglik" in metrics:
-        per = {n: float(ll_sub[s] / n_ll) for s, n in enumerate(names)}
-        res["loglik"] = {"X": per[names[-1]], "X_with_proposal_from": per, "X_training_mixture": float(ll_mix / n_ll),
-                         "by_size": {str(k): _mean(v for n, v in per.items() if sizes[n] == k) for k in range(1, M + 1)}}
-        res["n"]["loglik"] = n_ll
-    T["total"] = time.perf_counter() - t_start
-    T["other"] = T["total"] - sum(v for k, v in T.items() if k != "total")
-    res["time"] = {k: round(v, 4) for k, v in T.items()}
-    return res
+# %% ../nbs/08_evaluate.ipynb #c077
+@register_metric
+class LogLikelihood(Metric):
+    "Importance-sampled log p(X) with `loglik_samples` samples, the proposal of every subset and the training mixture, on `loglik_max_test` tuples."
+    name, config_options = "loglik", ("loglik_samples", "loglik_max_test")
+    def __init__(self, loglik_samples: int = 15, loglik_max_test: int | None = None, loglik_decode_batch: int = 256):
+        if int(loglik_samples) < 1: raise ValueError(f"loglik_samples must be at least 1, got {loglik_samples}")
+        if loglik_max_test is not None and int(loglik_max_test) < 1: raise ValueError(f"max_test_loglik must be at least 1, got {loglik_max_test}")
+        self.loglik_samples, self.loglik_max_test, self.loglik_decode_batch = int(loglik_samples), loglik_max_test, loglik_decode_batch
+    def settings(self): return {"num_samples": self.loglik_samples, "max_test_loglik": self.loglik_max_test}
 
-# %% ../nbs/08_evaluate.ipynb #c033
+    def begin(self, ctx):
+        N = len(ctx.test_ds)
+        self.n_ll = N if self.loglik_max_test is None else min(int(self.loglik_max_test), N)
+        self.seen, self.mix, self.sub = 0, 0.0, torch.zeros(len(ctx.names), dtype=torch.float64)
+
+    def batch(self, ctx, x, y, experts):
+        B, K, model = len(y), self.loglik_samples, ctx.model
+        if self.seen < self.n_ll:
+            for xs, exs in _chunks(x, experts, min(B, self.n_ll - self.seen), max(1, self.loglik_decode_batch // K)):
+                self.mix += model.log_likelihood(xs, num_samples=K, experts=exs, proposal="training_mixture").double().sum().item()
+                for s, sub in enumerate(ctx.names):
+                    self.sub[s] += model.log_likelihood(xs, given=ctx.givens[sub], num_samples=K, experts=exs).double().sum().item()
+        self.seen += B
+
+    def end(self, ctx):
+        per = {n: float(self.sub[s] / self.n_ll) for s, n in enumerate(ctx.names)}
+        ctx.n["loglik"] = self.n_ll
+        return {"X": per[ctx.names[-1]], "X_with_proposal_from": per, "X_training_mixture": float(self.mix / self.n_ll),
+                "by_size": {str(k): _mean(v for n, v in per.items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}}
+
+# %% ../nbs/08_evaluate.ipynb #c088
+import importlib
+importlib.import_module("mopoe.fid")                                  # registers "fid"
+
+# %% ../nbs/08_evaluate.ipynb #c091
 def results_tables(result: dict) -> dict:
     "pandas DataFrames of an `evaluate` result: latent, coherence, loglik, by_size, classifiers, time (where present)."
     import pandas as pd
@@ -443,6 +587,7 @@ def results_tables(result: dict) -> dict:
     out["time"] = pd.DataFrame([result["time"]], index=["seconds"])
     return out
 
+# %% ../nbs/08_evaluate.ipynb #c093
 def plot_by_num_inputs(results_by_model: dict, coherence: str = "excl_target", figsize=(12, 3.6)):
     "Figure 3: latent classification, conditional coherence and log-likelihood against the number of inputs, a line per model."
     from matplotlib.figure import Figure
