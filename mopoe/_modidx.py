@@ -576,6 +576,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                              'mopoe.train._setup_device': ('train.html#_setup_device', 'mopoe/train.py'),
                              'mopoe.train._to': ('train.html#_to', 'mopoe/train.py'),
                              'mopoe.train._train_locked': ('train.html#_train_locked', 'mopoe/train.py'),
+                             'mopoe.train._unused_metric_options': ('train.html#_unused_metric_options', 'mopoe/train.py'),
                              'mopoe.train._validate_data': ('train.html#_validate_data', 'mopoe/train.py'),
                              'mopoe.train.batches': ('train.html#batches', 'mopoe/train.py'),
                              'mopoe.train.build_data': ('train.html#build_data', 'mopoe/train.py'),
