@@ -62,6 +62,7 @@ class MultimodalVAE(nn.Module):
         self.shapes = {m: tuple(s) for m, s in shapes.items()} if shapes else None
         self.check_inputs = bool(check_inputs)
         self.register_buffer("subsets", check_subsets(self.objective.subset_rule(len(names))), persistent=False)
+        self.objective.setup(self)                                           # parameters sized by this model, if any
 
     @property
     def num_modalities(self): return len(self.modalities)
@@ -326,7 +327,8 @@ def generate(self: MultimodalVAE, n: int) -> dict:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"generate(n): n is the number of samples, a positive integer; got {n!r}")
     z = torch.randn(int(n), self.latent_dim, device=self.subsets.device)
-    return {m: self.likelihoods[m].mean(p) for m, p in self.decode(z).items()}
+    w = {m: torch.randn(int(n), self.private_dim, device=z.device) for m in self.modalities} if self.private_dim else None   # p(w)
+    return {m: self.likelihoods[m].mean(p) for m, p in self.decode(z, w).items()}
 
 # %% ../nbs/04_model.ipynb #c018a
 @patch
