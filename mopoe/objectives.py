@@ -15,6 +15,7 @@ import warnings
 from typing import Callable
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .experts import (FAMILIES, PRIOR_EXPERT, SAMPLING, MixtureOfProducts, allowed_subsets, check_subsets,
@@ -112,29 +113,34 @@ class Objective(nn.Module):
 
     def forward(self, *args, **kwargs): return self.loss(*args, **kwargs)
 
-    def setup(self, model):
-        "Called once by `MultimodalVAE.__init__`: create what depends on the model (e.g. parameters sized by its latents)."
-
-    def model_loss(self, model, x: dict, observed: Tensor | None = None, beta=1.0):
-        "The loss of `model` on a batch `x` that `model.prepare` returned (with its `observed`): (loss, logs)."
-        mu, lv, _, private = model.encode(x, observed)
-        loss, logs = self.loss(mu, lv, model.log_lik(x, observed, private), beta, observed=observed, check=False)
-        if model.private_dim:
-            klp = model.private_kl(private, observed)
-            loss = loss + beta * self.private_kl_weight * klp
-            logs.update(loss=loss.detach(), kl_private=klp.detach())
-        return loss, logs
-
-    def private_prior_sample(self, model, modality: str, lead_shape, like: Tensor) -> Tensor:
-        "A private latent (*lead_shape, private_dim) for `modality` when its own code is absent: N(0, I)."
-        return torch.randn(*lead_shape, model.private_dim, device=like.device, dtype=like.dtype)
-
-    def prior_log_prob(self, z: Tensor) -> Tensor:
-        "log p(z) of latents (..., D) under the fixed prior: standard Gaussian (standard Laplace for the Laplace family): (...,)."
-        base = torch.distributions.Normal(0.0, 1.0) if self.family == "gaussian" else torch.distributions.Laplace(0.0, 1.0)
-        return base.log_prob(z).sum(-1)
-
 def _logs(loss, rec, kl): return {"loss": loss.detach(), "rec": rec.mean().detach(), "kl": kl.mean().detach()}
+
+# %% ../nbs/02_objectives.ipynb #c005i2
+@patch
+def setup(self: Objective, model):
+    "Called once by `MultimodalVAE.__init__`: create what depends on the model (e.g. parameters sized by its latents)."
+
+@patch
+def model_loss(self: Objective, model, x: dict, observed: Tensor | None = None, beta=1.0):
+    "The loss of `model` on a batch `x` that `model.prepare` returned (with its `observed`): (loss, logs)."
+    mu, lv, _, private = model.encode(x, observed)
+    loss, logs = self.loss(mu, lv, model.log_lik(x, observed, private), beta, observed=observed, check=False)
+    if model.private_dim:
+        klp = model.private_kl(private, observed)
+        loss = loss + beta * self.private_kl_weight * klp
+        logs.update(loss=loss.detach(), kl_private=klp.detach())
+    return loss, logs
+
+@patch
+def private_prior_sample(self: Objective, model, modality: str, lead_shape, like: Tensor) -> Tensor:
+    "A private latent (*lead_shape, private_dim) for `modality` when its own code is absent: N(0, I)."
+    return torch.randn(*lead_shape, model.private_dim, device=like.device, dtype=like.dtype)
+
+@patch
+def prior_log_prob(self: Objective, z: Tensor) -> Tensor:
+    "log p(z) of latents (..., D) under the fixed prior: standard Gaussian (standard Laplace for the Laplace family): (...,)."
+    base = torch.distributions.Normal(0.0, 1.0) if self.family == "gaussian" else torch.distributions.Laplace(0.0, 1.0)
+    return base.log_prob(z).sum(-1)
 
 # %% ../nbs/02_objectives.ipynb #c005l
 OBJECTIVES: dict = {}                                                    # name -> Objective subclass
@@ -160,6 +166,7 @@ def register_objective(cls):
     OBJECTIVES[cls.name] = cls
     return cls
 
+# %% ../nbs/02_objectives.ipynb #c005l_1
 def objective_name(objective: str) -> str:
     "The current name of `objective` (an old name gives a DeprecationWarning); ValueError listing the choices if unknown."
     if objective in RENAMED_OBJECTIVES:
@@ -170,6 +177,7 @@ def objective_name(objective: str) -> str:
     if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     return objective
 
+# %% ../nbs/02_objectives.ipynb #c005l_2
 def get_objective(objective="mopoe", **options) -> Objective:
     "An Objective by registered name with its options (`OBJECTIVES[name].option_names()`), or a configured one passed through."
     if isinstance(objective, Objective):
