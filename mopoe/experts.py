@@ -57,7 +57,7 @@ def __getattr__(name):
     if name not in _MOVED_TO_OBJECTIVES: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     warnings.warn(f"mopoe.experts.{name} moved to mopoe.objectives (import it from there)", DeprecationWarning, stacklevel=2)
     from . import objectives
-    if name == "OBJECTIVES": return tuple(objectives.OBJECTIVES)          # it was a tuple of the names
+    if name == "OBJECTIVES": return objectives.PAPER_OBJECTIVES          # it was the tuple of the paper's four names
     return getattr(objectives, name)
 
 # %% ../nbs/01_experts.ipynb #c011

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['KL_ESTIMATORS', 'RENAMED_KL', 'AUTO_KL_MAX_SUBSETS', 'KL_SAMPLES', 'OBJECTIVES', 'OBJECTIVE_CLASSES',
-           'RENAMED_OBJECTIVES', 'OBJECTIVE_MODULES', 'check_observed', 'mask_experts', 'Objective', 'load_objectives',
-           'register_objective', 'objective_name', 'get_objective', 'objective_subsets', 'MixtureELBO', 'MoPoE',
-           'MMVAE', 'MVAE', 'SubsetELBOs', 'MoPoEAux']
+           'PAPER_OBJECTIVES', 'RENAMED_OBJECTIVES', 'OBJECTIVE_MODULES', 'check_observed', 'mask_experts', 'Objective',
+           'load_objectives', 'register_objective', 'objective_name', 'get_objective', 'objective_subsets',
+           'MixtureELBO', 'MoPoE', 'MMVAE', 'MVAE', 'SubsetELBOs', 'MoPoEAux']
 
 # %% ../nbs/02_objectives.ipynb #c002
 import importlib
@@ -145,6 +145,7 @@ def prior_log_prob(self: Objective, z: Tensor) -> Tensor:
 # %% ../nbs/02_objectives.ipynb #c005l
 OBJECTIVES: dict = {}                                                    # name -> Objective subclass
 OBJECTIVE_CLASSES = OBJECTIVES                                           # the earlier name of the registry
+PAPER_OBJECTIVES = ("mopoe", "mvae", "mmvae", "subset_elbos")             # the paper's four (the old `mopoe.experts.OBJECTIVES`)
 RENAMED_OBJECTIVES = {"powerset": "subset_elbos"}                        # old name -> new name (accepted with a DeprecationWarning)
 OBJECTIVE_MODULES = ["mopoe.mmjsd", "mopoe.mmvaeplus"]                   # modules whose classes register themselves
 
