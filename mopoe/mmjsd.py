@@ -37,10 +37,12 @@ class MMJSD(Objective):
     equation = "Sutter et al. 2020, §3: E_mixture[log p(X|z)] - beta JS^{M+1}_pi({q(z|x_m)}, p(z)), dynamic prior f = PoE_pi"
     representation = "one_expert_per_row"
 
-    def __init__(self, sampling: str = "stratified"):
+    def __init__(self, sampling: str = "stratified", prior_weight: float | None = None):
         super().__init__(prior_expert="none", sampling=sampling)
+        if prior_weight is not None and not 0 < prior_weight < 1: raise ValueError(f"prior_weight must lie in (0, 1), got {prior_weight}")
+        self.prior_weight = prior_weight
 
-    def __repr__(self): return f"MMJSD(sampling={self.sampling!r})  # {self.equation}"
+    def __repr__(self): return f"MMJSD(sampling={self.sampling!r}, prior_weight={self.prior_weight})  # {self.equation}"
 
     @classmethod
     def subset_rule(cls, num_modalities):
@@ -59,7 +61,8 @@ class MMJSD(Objective):
         z = rsample(mu[expert, rows], logvar[expert, rows])
         rec = log_lik(z)
         on = torch.ones(M, B, dtype=mu.dtype, device=mu.device) if observed is None else observed.T.to(mu.dtype)
-        w = torch.cat([on, torch.ones(1, B, dtype=mu.dtype, device=mu.device)])          # (M + 1, B): observed experts + p(z)
+        a, p = (1.0, 1.0) if self.prior_weight is None else ((1 - self.prior_weight) / M, self.prior_weight)
+        w = torch.cat([on * a, torch.full((1, B), p, dtype=mu.dtype, device=mu.device)])  # (M + 1, B): observed experts + p(z)
         w = w / w.sum(0, keepdim=True)
         zeros = torch.zeros(1, B, D, dtype=mu.dtype, device=mu.device)
         js = jensen_shannon(torch.cat([mu, zeros]), torch.cat([logvar, zeros]), w)

@@ -72,8 +72,8 @@ def test_registry_names_and_options():
     assert {"mopoe", "mvae", "mmvae", "subset_elbos", "mmjsd", "mopoe_aux"} <= set(names)
     assert list(names)[:4] == ["mopoe", "mvae", "mmvae", "subset_elbos"]
     assert OBJECTIVES["mvae"].option_names() == ("prior_expert", "kl", "sampling", "kl_samples", "unimodal_elbos")
-    assert OBJECTIVES["mmjsd"].option_names() == ("sampling",)
-    with pytest.raises(ValueError, match="takes the options sampling"):
+    assert OBJECTIVES["mmjsd"].option_names() == ("sampling", "prior_weight")
+    with pytest.raises(ValueError, match="takes the options sampling, prior_weight"):
         get_objective("mmjsd", prior_expert="all")
     with pytest.raises(ValueError, match="choose one of mopoe, mvae, mmvae, subset_elbos"):
         get_objective("nope")
