@@ -235,7 +235,8 @@ def subset_means(self: MultimodalVAE, x: dict, mask: Tensor | None = None, exper
     A = self.component_weights(mask).to(mu.device)                                       # (S, 2^M-1)
     used = A.any(0)
     allm = subset_mask(self.num_modalities).to(mu.device)[used]
-    means, _ = poe(mu, lv, allm, prior_flags(allm, self.prior_expert))                    # (U, B, D)
+    if self.objective.family == "gaussian": means, _ = poe(mu, lv, allm, prior_flags(allm, self.prior_expert))   # (U, B, D)
+    else: means = MixtureOfProducts(mu, lv, allm, self.prior_expert, self.objective.family).components()[0]   # single experts
     if self.objective.representation == "one_expert_per_row":                           # the authors' MMVAE
         B = mu.shape[1]
         key = (mask.cpu().numpy().tobytes(), B, str(mu.device))
