@@ -9,7 +9,6 @@ __all__ = ['missing_mask', 'IncompleteDataset', 'complete_tuples', 'distinct_tup
 # %% ../nbs/09_incomplete.ipynb #c002
 import math
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -66,6 +65,23 @@ class IncompleteDataset(Dataset):
             keep = obs[..., j].reshape(obs.shape[:-1] + (1,) * (x[m].dim() - obs.dim() + 1))
             out[m] = torch.where(keep, x[m], torch.zeros((), dtype=x[m].dtype))
         return out, y, obs
+
+    @property
+    def device(self) -> torch.device: return self.observed.device
+
+    @property
+    def nbytes(self) -> int | None:
+        "Bytes `to` moves (the base's storage and the mask); None when the base cannot move."
+        n = getattr(self.base, "nbytes", None)
+        return n + self.observed.nbytes if isinstance(n, int) and callable(getattr(self.base, "to", None)) else None
+
+    def to(self, device):
+        "This view over `base.to(device)` with the mask on `device` (TypeError if the base cannot move)."
+        if self.nbytes is None: raise TypeError(f"the base dataset, a {type(self.base).__name__}, cannot move to a device")
+        out = IncompleteDataset.__new__(IncompleteDataset)
+        out.base, out.observed, out.modalities = self.base.to(device), self.observed.to(device), self.modalities
+        out.batch_indexing = self.batch_indexing
+        return out
 
     @property
     def missing_fraction(self) -> float: return 1 - self.observed.float().mean().item()

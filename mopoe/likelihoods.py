@@ -15,16 +15,31 @@ from torch import Tensor
 # %% ../nbs/03_likelihoods.ipynb #c005
 MAX_ABS_INPUT = 1e6   # data beyond this magnitude is refused: float32 losses of such inputs overflow to inf/NaN
 
+def _rows(v: Tensor) -> Tensor:
+    "(B, -1) view of an elementwise flag tensor (B, ...); a 0-dim or 1-dim tensor is one row per element."
+    return v.reshape(1, -1) if v.dim() == 0 else v.unsqueeze(1) if v.dim() == 1 else v.flatten(1)
+
 class Likelihood:
     "Base class: `event_dims` trailing dims are summed; subclasses give `elementwise` and `mean`."
     event_dims = None   # None: every dim but the first (batch) one
 
+    def valid(self, x: Tensor) -> Tensor:
+        "Elementwise bool: entries that are data of this likelihood (finite and |x| <= MAX_ABS_INPUT; NaN compares False)."
+        return x.abs() <= MAX_ABS_INPUT
+
+    def invalid_rows(self, x: Tensor) -> Tensor:
+        "(B,) bool on x's device: the rows of x (B, ...) that are not data of this likelihood. Reads nothing back to the host."
+        return ~_rows(self.valid(x)).all(1)
+
     def data_error(self, x: Tensor) -> str | None:
-        "Why `x` is not data of this likelihood (None when it is): non-finite, or beyond MAX_ABS_INPUT in magnitude."
+        "Why `x` is not data of this likelihood (None when it is): one host read of one flag; the message only on failure."
+        if x.numel() == 0 or not bool(self.invalid_rows(x).any()): return None
+        return self.explain(x)
+
+    def explain(self, x: Tensor) -> str:
+        "What is wrong with data `x` that `invalid_rows` flags: non-finite values, or values beyond MAX_ABS_INPUT."
         if not torch.isfinite(x).all(): return "has non-finite values (NaN or Inf)"
-        if x.numel() and x.abs().max() > MAX_ABS_INPUT:
-            return f"has values up to {x.abs().max().item():.3g}; inputs beyond {MAX_ABS_INPUT:.0e} in magnitude are refused (scale the data)"
-        return None
+        return f"has values up to {x.abs().max().item():.3g}; inputs beyond {MAX_ABS_INPUT:.0e} in magnitude are refused (scale the data)"
 
     def placeholder(self, x: Tensor) -> Tensor:
         "A valid data value of x's shape for missing entries (zeros)."
@@ -40,6 +55,7 @@ class Likelihood:
         lp = self.elementwise(params, x)
         return lp.flatten(-(x.dim() - 1)).sum(-1)
 
+# %% ../nbs/03_likelihoods.ipynb #c012
 class Laplace(Likelihood):
     "Laplace with location = decoder output and a fixed scale."
     def __init__(self, scale: float = 0.75): self.scale = scale
@@ -55,18 +71,30 @@ class Gaussian(Likelihood):
 
 class Bernoulli(Likelihood):
     "Bernoulli on logits; data in [0, 1]."
-    def data_error(self, x):
-        if (e := super().data_error(x)): return e
-        if x.numel() and (x.min() < 0 or x.max() > 1): return f"has values in [{x.min().item():.3g}, {x.max().item():.3g}]; Bernoulli data must lie in [0, 1]"
+    def valid(self, x): return (x >= 0) & (x <= 1)
+    def explain(self, x):
+        if not torch.isfinite(x).all(): return super().explain(x)
+        return f"has values in [{x.min().item():.3g}, {x.max().item():.3g}]; Bernoulli data must lie in [0, 1]"
     def elementwise(self, params, x): return x * params - F.softplus(params)
     def mean(self, params): return torch.sigmoid(params)
 
+# %% ../nbs/03_likelihoods.ipynb #c014
 class Categorical(Likelihood):
-    "Categorical over the last dim (the alphabet) on logits; data one-hot (N, L, C)."
-    def data_error(self, x):
-        if (e := super().data_error(x)): return e
-        if x.numel() and (x.min() < 0 or ((x.sum(-1) - 1).abs() > 1e-3).any()):
-            return "is not one-hot: categorical data needs non-negative entries summing to 1 over the last dim (the alphabet)"
+    "Categorical over the last dim (the alphabet) on logits; data one-hot (N, L, C): entries exactly 0 or 1, one 1 per position."
+    def invalid_rows(self, x):
+        if x.dim() < 2: return torch.ones(max(x.numel(), 1), dtype=torch.bool, device=x.device)
+        binary = ((x == 0) | (x == 1)).flatten(1).all(1)
+        single = (x.sum(-1) == 1).reshape(x.shape[0], -1).all(1)        # exact: a sum of 0s and 1s
+        return ~(binary & single)
+
+    def explain(self, x):
+        need = "categorical data needs entries of exactly 0 or 1 with a single 1 at every position (the last dim is the alphabet)"
+        if x.dim() < 2: return f"is not one-hot: {need}, got shape {tuple(x.shape)}"
+        if not torch.isfinite(x).all(): return super().explain(x)
+        off = x[(x != 0) & (x != 1)]
+        if off.numel(): return f"is not one-hot: {need}; it holds values such as {off[0].item():.3g} (soft or scaled rows are refused)"
+        k = x.sum(-1).flatten(); k = k[k != 1][0].item()
+        return f"is not one-hot: {need}; a position holds {k:g} ones"
 
     def placeholder(self, x):
         "The first symbol at every position: a valid one-hot value."
@@ -77,6 +105,7 @@ class Categorical(Likelihood):
         return x * F.log_softmax(params, dim=-1)        # (..., N, L, C); zero off the data's characters
     def mean(self, params): return F.one_hot(params.argmax(-1), params.shape[-1]).to(params.dtype)
 
+# %% ../nbs/03_likelihoods.ipynb #c016
 LIKELIHOODS = {"laplace": Laplace, "gaussian": Gaussian, "bernoulli": Bernoulli, "categorical": Categorical}
 
 def get_likelihood(name, **kwargs) -> Likelihood:

@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass, asdict
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['TRUNK_INITS', 'TRUNK_ACTS', 'LEAKY_SLOPE', 'PAPER_SETUPS', 'ARCHS', 'Trunk', 'Encoder', 'Classifier', 'Decoder',

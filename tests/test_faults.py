@@ -14,7 +14,7 @@ import torch
 
 import mopoe.io
 import mopoe.train as T
-from mopoe.io import CorruptFileError, DiskFullError, content_digest, load_verified
+from mopoe.io import DiskFullError, content_digest, load_verified
 from mopoe.train import CheckpointError, load_checkpoint, read_results, resolve_config, sweep_config, train
 
 
@@ -205,8 +205,8 @@ def test_results_and_sweep_files(tmp_path):
     (tmp_path / "r" / "results.json").write_text('{"config": {"epochs": 2')       # truncated
     with pytest.raises(ValueError, match="results.json is not valid JSON"):
         read_results(tmp_path / "r", resolve_config())
-    with pytest.raises(ValueError, match="unknown model '../../x'"):
-        sweep_config(tmp_path / "runs", model="../../x")
+    with pytest.raises(ValueError, match="unknown objective '../../x'"):
+        sweep_config(tmp_path / "runs", objective="../../x")
     assert not (tmp_path / "runs").exists()
     (tmp_path / "afile").write_text("")
     with pytest.raises(NotADirectoryError, match="runs_dir .* is not a folder"):
@@ -219,7 +219,7 @@ def test_results_and_sweep_files(tmp_path):
     (dict(beta="abc"), "beta must be a number, got 'abc'"),
     (dict(epochs=1.5), "epochs must be a whole number, got 1.5"),
     (dict(lr="-1"), "lr must be greater than 0"),
-    (dict(model="poe"), "unknown model 'poe'"),
+    (dict(objective="poe"), "unknown objective 'poe'"),
     (dict(out_dir=""), "out_dir must be a folder name"),
 ])
 def test_bad_config_is_refused_before_any_work(options, message, tmp_path, monkeypatch):
@@ -257,12 +257,107 @@ def test_resume_compares_paths_resolved(tmp_path, monkeypatch, reference):
         train(cfg_for(out, resume=True, data_dir="other"), progress=False, data=DATA)
 
 
-def test_reload_falls_back_to_prev_and_changes_no_file(tmp_path):
+def test_reload_of_a_damaged_final_checkpoint_is_refused_unless_asked_and_changes_no_file(tmp_path):
+    "A damaged checkpoint.pt is an error naming the intact previous one; use_prev=True loads that one; no file changes."
     from mopoe.train import load_run
     out = two_epochs(tmp_path)
     raw = bytearray((out / "checkpoint.pt").read_bytes()); raw[len(raw) // 2] ^= 0xFF
     (out / "checkpoint.pt").write_bytes(bytes(raw))
     before = snapshot(out)
-    with pytest.warns(UserWarning, match="using the previous checkpoint .*\\(epoch 1\\)"):
-        saved = load_run(out)
+    with pytest.raises(CheckpointError, match="checkpoint.prev.pt \\(epoch 1\\) is intact.*use_prev=True"):
+        load_run(out)
+    saved = load_run(out, use_prev=True)
     assert saved.state["epoch"] == 1 and not saved.model.training and snapshot(out) == before
+
+
+# ---------------------------------------------------------------- data: caches, unpacking, input checks (issue 22)
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+import fixtures_real as fx
+from mopoe.data import DataFormatError, get_datasets
+
+
+def _rewrite_pngs(folder, pixels_of, compress_level=0):
+    "Rewrite every PNG under `folder` (same names) with `pixels_of(path) -> (28, 28, 3) uint8`, uncompressed: equal sizes."
+    for f in sorted(folder.rglob("*.png")):
+        Image.fromarray(pixels_of(f)).save(f, compress_level=compress_level)
+
+
+@pytest.mark.parametrize("keep_mtimes", [False, True])
+def test_real_polymnist_cache_follows_replaced_images(keep_mtimes, tmp_path):
+    "Case 8: replacing the released images (same names, same counts) must not reuse the cache of the old ones."
+    fx.write_polymnist_release(tmp_path, n_train=12, n_test=6)
+    base = tmp_path / "PolyMNIST"
+    _rewrite_pngs(base, lambda f: np.asarray(Image.open(f).convert("RGB")))     # uncompressed: every file the same size
+    tr, _, info = get_datasets("polymnist", root=tmp_path, source="real", download=False)
+    assert not info.from_cache and get_datasets("polymnist", root=tmp_path, source="real", download=False)[2].from_cache
+    stats = {f: f.stat() for f in base.rglob("*.png")}
+    rng = np.random.default_rng(5)
+    _rewrite_pngs(base, lambda f: rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))  # other images, same names and sizes
+    for f, st in stats.items():
+        assert f.stat().st_size == st.st_size
+        if keep_mtimes: os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))         # as `cp -p` / `rsync -a` would
+    tr2, _, info2 = get_datasets("polymnist", root=tmp_path, source="real", download=False)
+    assert not info2.from_cache and info2.cache_file != info.cache_file
+    order = tr2.meta["file_index"].tolist()
+    for m in range(5):
+        files = {int(f.name.split(".")[0]): f for f in (base / "train" / f"m{m}").glob("*.png")}
+        want = np.stack([np.asarray(Image.open(files[i]).convert("RGB")).transpose(2, 0, 1) for i in order])
+        assert np.array_equal(tr2.data[f"m{m}"].numpy(), want)                  # the new images, not the cached old ones
+
+
+def test_real_celeba_cache_follows_replaced_images(tmp_path):
+    "Case 8: CelebA's cache was keyed by the attribute file only; new images with the same names must be read."
+    w = fx.write_celeba(tmp_path, n_train=6, n_valid=1, n_test=3)
+    tr, _, info = get_datasets("celeba", root=tmp_path, source="real", download=False)
+    assert not info.from_cache
+    imgs = tmp_path / "celeba" / "img_align_celeba"
+    new = (255 - w["colours"]).astype(np.uint8)
+    for name, c in zip(w["names"], new):
+        Image.fromarray(np.full((218, 178, 3), c, np.uint8)).save(imgs / name, quality=95)
+    tr2, _, info2 = get_datasets("celeba", root=tmp_path, source="real", download=False)
+    assert not info2.from_cache
+    got = tr2.data["img"].float().reshape(len(tr2), 3, -1).mean(-1).numpy()
+    assert np.abs(got - new[:6]).max() < 4                                      # the new colours
+
+
+def test_disk_full_while_unpacking_keeps_the_archive(tmp_path, monkeypatch):
+    "Case 9: ENOSPC while unpacking a valid PolyMNIST.zip is a disk-full error that says the archive is fine."
+    fx.write_polymnist_release(tmp_path, n_train=6, n_test=3, as_zip=True)
+    zf = tmp_path / "PolyMNIST.zip"; before = zf.read_bytes()
+    def full(src, dst, *a, **k):                                   # zipfile writes each member through copyfileobj
+        dst.write(src.read(64)); raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(zipfile.shutil, "copyfileobj", full)
+    with pytest.raises(DiskFullError) as e:
+        get_datasets("polymnist", root=tmp_path, source="real", download=False)
+    msg = str(e.value)
+    assert "no space left on device while unpacking" in msg and str(zf) in msg and "the archive is fine" in msg
+    assert "delete" not in msg and "corrupted" not in msg
+    assert not isinstance(e.value, DataFormatError) and e.value.errno == errno.ENOSPC
+    assert zf.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["PolyMNIST.zip"]   # nothing half-unpacked
+    monkeypatch.undo()
+    tr, _, info = get_datasets("polymnist", root=tmp_path, source="real", download=False)    # space again: it works
+    assert len(tr) == 6 and info.paper_data
+
+
+@pytest.mark.parametrize("how", ["softmax", "two-hot"])
+def test_text_that_is_not_one_hot_is_refused(how):
+    "Case 13: the README says text that is not one-hot is refused; softmax rows and two-hot rows were accepted."
+    from mopoe.likelihoods import Categorical
+    from mopoe.model import MultimodalVAE
+    from mopoe.nets import make_networks
+    info = SimpleNamespace(name="toy", modalities=["img", "txt"], shapes={"img": (4,), "txt": (3, 5)},
+                           likelihoods={"img": "gaussian", "txt": "categorical"}, alphabet=None, num_classes=2)
+    enc, dec = make_networks(info, 2, arch="mlp", hidden=(8,))
+    model = MultimodalVAE(enc, dec, {"img": "gaussian", "txt": "categorical"}, 2, shapes=info.shapes)
+    g = torch.Generator().manual_seed(0)
+    txt = torch.nn.functional.one_hot(torch.randint(5, (4, 3), generator=g), 5).float()
+    if how == "softmax": txt[1] = torch.softmax(torch.randn(3, 5, generator=g), -1)       # rows sum to 1
+    else: txt[2, 1] = torch.tensor([0.5, 0.5, 0, 0, 0])                                   # two-hot, halved
+    x = {"img": torch.rand(4, 4, generator=g), "txt": txt}
+    with pytest.raises(ValueError, match="modality 'txt' is not one-hot"):
+        model.loss(x)
+    assert Categorical().data_error(txt) is not None

