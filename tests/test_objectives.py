@@ -119,3 +119,19 @@ def test_model_beta_is_the_callers():
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="beta"):
             model(x, beta=bad)
+
+
+def test_objective_parameters_round_trip_through_the_state_dict():
+    model = _model("mopoe_aux", Dp=2)
+    x, obs = _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad(); model(x, observed=obs)[0].backward(); opt.step()
+    assert any((p != 0).any() for p in model.objective.aux_logscale.values())
+    again = _model("mopoe_aux", Dp=2)
+    again.load_state_dict(model.state_dict())
+    for m in model.modalities:
+        assert torch.equal(again.objective.aux_logscale[m], model.objective.aux_logscale[m])
+    torch.manual_seed(5); a = model(x, observed=obs)[0]
+    torch.manual_seed(5); b = again(x, observed=obs)[0]
+    assert torch.equal(a, b)
