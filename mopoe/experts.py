@@ -57,7 +57,7 @@ def __getattr__(name):
     if name not in _MOVED_TO_OBJECTIVES: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     warnings.warn(f"mopoe.experts.{name} moved to mopoe.objectives (import it from there)", DeprecationWarning, stacklevel=2)
     from . import objectives
-    if name == "OBJECTIVES": return tuple(objectives.OBJECTIVES)          # it was a tuple of the names
+    if name == "OBJECTIVES": return objectives.PAPER_OBJECTIVES          # it was the tuple of the paper's four names
     return getattr(objectives, name)
 
 # %% ../nbs/01_experts.ipynb #c011
@@ -78,6 +78,7 @@ class _LeakyClamp(torch.autograd.Function):
         inside = (x >= ctx.lo) & (x <= ctx.hi)
         return torch.where(inside, g, g * ctx.leak), None, None, None
 
+# %% ../nbs/01_experts.ipynb #c011_1
 def bounded_logvar(logvar: Tensor) -> Tensor:
     "logvar clamped to [LOGVAR_MIN, LOGVAR_MAX]; outside the range the gradient is LOGVAR_LEAK times the incoming one, never 0."
     return _LeakyClamp.apply(logvar, LOGVAR_MIN, LOGVAR_MAX, LOGVAR_LEAK)
@@ -122,6 +123,7 @@ def _fuse(mu: Tensor, logvar: Tensor, weights: Tensor, prior: Tensor | None, eq:
     N = torch.einsum(eq, w, P * mu.to(P.dtype))              # precision-weighted mean sum
     return N / T, -torch.log(T)
 
+# %% ../nbs/01_experts.ipynb #c011g_1
 def poe(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None, check: bool = True):
     "Product of the experts (M, B, D) chosen by each row of `mask` (S, M), prior expert where `prior` (S,): (mu, logvar), each (S, B, D)."
     return _fuse(mu, logvar, mask, prior, "sm,mbd->sbd", check)
@@ -141,6 +143,7 @@ def component_dist(mu: Tensor, logvar: Tensor, family: str = "gaussian") -> Dist
         return Independent(Laplace(mu, scale, validate_args=False), 1, validate_args=False)
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
+# %% ../nbs/01_experts.ipynb #c015b_1
 def rsample(mu: Tensor, logvar: Tensor, family: str = "gaussian", sample_shape=()) -> Tensor:
     "Reparameterised sample (*sample_shape, ..., B, D) of `component_dist(mu, logvar, family)`."
     return component_dist(mu, logvar, family).rsample(sample_shape)
@@ -250,6 +253,7 @@ def component_ids(num_components: int, batch: int, strategy: str = "stratified",
     if strategy == "random": return torch.randint(num_components, (batch,), device=device)
     raise ValueError(f"unknown sampling {strategy!r}; choose one of {', '.join(SAMPLING)}")
 
+# %% ../nbs/01_experts.ipynb #c021_1
 def _allowed_ids(allowed: Tensor, strategy: str) -> Tensor:
     "Per row b, the j-th of its n_b allowed components, j uniform (stratified over rows as `component_ids` does)."
     B, dev = allowed.shape[0], allowed.device

@@ -62,6 +62,7 @@ class MultimodalVAE(nn.Module):
         self.shapes = {m: tuple(s) for m, s in shapes.items()} if shapes else None
         self.check_inputs = bool(check_inputs)
         self.register_buffer("subsets", check_subsets(self.objective.subset_rule(len(names))), persistent=False)
+        self.objective.setup(self)                                           # parameters sized by this model, if any
 
     @property
     def num_modalities(self): return len(self.modalities)
@@ -73,6 +74,7 @@ class MultimodalVAE(nn.Module):
         if key not in cache: cache[key] = torch.tensor(key[0], device=self.subsets.device)
         return cache[key]
 
+# %% ../nbs/04_model.ipynb #c008c_1
 def _check_weights(weights, names, what):
     if weights is None: return {m: 1.0 for m in names}
     if not isinstance(weights, dict) or set(weights) - set(names):
@@ -143,6 +145,7 @@ def _first_layer(module: nn.Module) -> str:
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
 
+# %% ../nbs/04_model.ipynb #c012a_1
 @patch
 def run_encoder(self: MultimodalVAE, m: str, t: Tensor, rows: Tensor | None = None):
     "Encoder `m` on `t` (B, ...): (mu, logvar) (B, D + Dp); BatchNorm encoders in training see only the `rows` (B,) observed."
@@ -191,12 +194,14 @@ def components(self: MultimodalVAE, present: Tensor) -> Tensor:
         cache[key] = check_subsets(maximal_rows(inside) if len(inside) else present[None])
     return cache[key]
 
+# %% ../nbs/04_model.ipynb #c012c_1
 @patch
 def posterior(self: MultimodalVAE, x: dict) -> MixtureOfProducts:
     "q(z | the modalities in x): the model's own posterior for that subset."
     mu, lv, present, _ = self.experts(x)
     return MixtureOfProducts(mu, lv, self.components(present), self.prior_expert, self.objective.family)
 
+# %% ../nbs/04_model.ipynb #c012c_2
 @patch
 def joint_posterior(self: MultimodalVAE, x: dict) -> MixtureOfProducts:
     "The training posterior: the mixture over the objective's subsets (needs every modality)."
@@ -230,7 +235,8 @@ def subset_means(self: MultimodalVAE, x: dict, mask: Tensor | None = None, exper
     A = self.component_weights(mask).to(mu.device)                                       # (S, 2^M-1)
     used = A.any(0)
     allm = subset_mask(self.num_modalities).to(mu.device)[used]
-    means, _ = poe(mu, lv, allm, prior_flags(allm, self.prior_expert))                    # (U, B, D)
+    if self.objective.family == "gaussian": means, _ = poe(mu, lv, allm, prior_flags(allm, self.prior_expert))   # (U, B, D)
+    else: means = MixtureOfProducts(mu, lv, allm, self.prior_expert, self.objective.family).components()[0]   # single experts
     if self.objective.representation == "one_expert_per_row":                           # the authors' MMVAE
         B = mu.shape[1]
         key = (mask.cpu().numpy().tobytes(), B, str(mu.device))
@@ -262,6 +268,7 @@ def sample_private(self: MultimodalVAE, private: dict, lead) -> dict:
     "Reparameterized private latents {m: (*lead, B, Dp)} from their posteriors (the objective's family)."
     return {m: rsample(mu, lv, self.objective.family, lead[:-1]) for m, (mu, lv) in private.items()}
 
+# %% ../nbs/04_model.ipynb #c016a_1
 @patch
 def reconstruct(self: MultimodalVAE, x: dict, observed: Tensor | None, z: Tensor, private: dict, modalities=None) -> Tensor:
     "sum_m rec_weight_m log p(x_m | z, w_m) over the modalities in x (and `modalities`), observed rows only: (..., B)."
@@ -272,6 +279,7 @@ def reconstruct(self: MultimodalVAE, x: dict, observed: Tensor | None, z: Tensor
     col = {m: i for i, m in enumerate(self.modalities)}
     return sum(torch.where(observed[:, col[m]], t, torch.zeros((), dtype=t.dtype, device=t.device)) for m, t in zip(names, terms))
 
+# %% ../nbs/04_model.ipynb #c016a_2
 @patch
 def log_lik(self: MultimodalVAE, x: dict, observed: Tensor | None = None, private: dict | None = None):
     "The objectives' reconstruction closure: log_lik(z (..., B, D), modality=None) -> (..., B), w_m drawn from q(w_m | x_m)."
@@ -285,6 +293,7 @@ def log_lik(self: MultimodalVAE, x: dict, observed: Tensor | None = None, privat
         return self.reconstruct(x, observed, z, self.sample_private(private, z.shape[:-1]))
     return log_lik
 
+# %% ../nbs/04_model.ipynb #c016a_3
 @patch
 def private_kl(self: MultimodalVAE, private: dict, observed: Tensor | None = None) -> Tensor:
     "Batch mean of sum_m private_kl_weights[m] KL(q(w_m | x_m) || N(0, I)) over each tuple's observed modalities: 0-dim."
@@ -306,6 +315,7 @@ def check_beta(beta):
     if not math.isfinite(beta) or beta < 0: raise ValueError(f"beta (the KL weight) must be a finite number >= 0, got {beta}")
     return beta
 
+# %% ../nbs/04_model.ipynb #c016b_1
 @patch
 def loss(self: MultimodalVAE, x: dict, beta=1.0, observed: Tensor | None = None):
     "The objective's loss for a batch (negative ELBO per example, averaged, KL weighted by `beta`) and a dict of detached logs."
@@ -326,7 +336,8 @@ def generate(self: MultimodalVAE, n: int) -> dict:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"generate(n): n is the number of samples, a positive integer; got {n!r}")
     z = torch.randn(int(n), self.latent_dim, device=self.subsets.device)
-    return {m: self.likelihoods[m].mean(p) for m, p in self.decode(z).items()}
+    w = {m: torch.randn(int(n), self.private_dim, device=z.device) for m in self.modalities} if self.private_dim else None   # p(w)
+    return {m: self.likelihoods[m].mean(p) for m, p in self.decode(z, w).items()}
 
 # %% ../nbs/04_model.ipynb #c018a
 @patch

@@ -4,15 +4,18 @@
 
 # %% auto #0
 __all__ = ['KL_ESTIMATORS', 'RENAMED_KL', 'AUTO_KL_MAX_SUBSETS', 'KL_SAMPLES', 'OBJECTIVES', 'OBJECTIVE_CLASSES',
-           'RENAMED_OBJECTIVES', 'check_observed', 'mask_experts', 'Objective', 'register_objective', 'objective_name',
-           'get_objective', 'objective_subsets', 'MixtureELBO', 'MoPoE', 'MMVAE', 'MVAE', 'SubsetELBOs']
+           'PAPER_OBJECTIVES', 'RENAMED_OBJECTIVES', 'OBJECTIVE_MODULES', 'check_observed', 'mask_experts', 'Objective',
+           'load_objectives', 'register_objective', 'objective_name', 'get_objective', 'objective_subsets',
+           'MixtureELBO', 'MoPoE', 'MMVAE', 'MVAE', 'SubsetELBOs', 'MoPoEAux']
 
 # %% ../nbs/02_objectives.ipynb #c002
+import importlib
 import inspect
 import warnings
 from typing import Callable
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .experts import (FAMILIES, PRIOR_EXPERT, SAMPLING, MixtureOfProducts, allowed_subsets, check_subsets,
@@ -58,6 +61,7 @@ class Objective(nn.Module):
     representation = "mixture_mean"                                     # a subset's latent representation (`subset_means`)
     family = "gaussian"                                                  # the posteriors' distribution (`component_dist`)
     private_kl_weight = 1.0                                              # times the private latents' KL enters the loss
+    needs_private = False                                                # True: only with modality-specific latents
 
     def __init__(self, prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified", kl_samples: int = KL_SAMPLES):
         super().__init__()
@@ -109,31 +113,49 @@ class Objective(nn.Module):
 
     def forward(self, *args, **kwargs): return self.loss(*args, **kwargs)
 
-    def model_loss(self, model, x: dict, observed: Tensor | None = None, beta=1.0):
-        "The loss of `model` on a batch `x` that `model.prepare` returned (with its `observed`): (loss, logs)."
-        mu, lv, _, private = model.encode(x, observed)
-        loss, logs = self.loss(mu, lv, model.log_lik(x, observed, private), beta, observed=observed, check=False)
-        if model.private_dim:
-            klp = model.private_kl(private, observed)
-            loss = loss + beta * self.private_kl_weight * klp
-            logs.update(loss=loss.detach(), kl_private=klp.detach())
-        return loss, logs
-
-    def private_prior_sample(self, model, modality: str, lead_shape, like: Tensor) -> Tensor:
-        "A private latent (*lead_shape, private_dim) for `modality` when its own code is absent: N(0, I)."
-        return torch.randn(*lead_shape, model.private_dim, device=like.device, dtype=like.dtype)
-
-    def prior_log_prob(self, z: Tensor) -> Tensor:
-        "log p(z) of latents (..., D) under the fixed prior: standard Gaussian (standard Laplace for the Laplace family): (...,)."
-        base = torch.distributions.Normal(0.0, 1.0) if self.family == "gaussian" else torch.distributions.Laplace(0.0, 1.0)
-        return base.log_prob(z).sum(-1)
-
 def _logs(loss, rec, kl): return {"loss": loss.detach(), "rec": rec.mean().detach(), "kl": kl.mean().detach()}
+
+# %% ../nbs/02_objectives.ipynb #c005i2
+@patch
+def setup(self: Objective, model):
+    "Called once by `MultimodalVAE.__init__`: create what depends on the model (e.g. parameters sized by its latents)."
+
+@patch
+def model_loss(self: Objective, model, x: dict, observed: Tensor | None = None, beta=1.0):
+    "The loss of `model` on a batch `x` that `model.prepare` returned (with its `observed`): (loss, logs)."
+    mu, lv, _, private = model.encode(x, observed)
+    loss, logs = self.loss(mu, lv, model.log_lik(x, observed, private), beta, observed=observed, check=False)
+    if model.private_dim:
+        klp = model.private_kl(private, observed)
+        loss = loss + beta * self.private_kl_weight * klp
+        logs.update(loss=loss.detach(), kl_private=klp.detach())
+    return loss, logs
+
+@patch
+def private_prior_sample(self: Objective, model, modality: str, lead_shape, like: Tensor) -> Tensor:
+    "A private latent (*lead_shape, private_dim) for `modality` when its own code is absent: N(0, I)."
+    return torch.randn(*lead_shape, model.private_dim, device=like.device, dtype=like.dtype)
+
+@patch
+def prior_log_prob(self: Objective, z: Tensor) -> Tensor:
+    "log p(z) of latents (..., D) under the fixed prior: standard Gaussian (standard Laplace for the Laplace family): (...,)."
+    base = torch.distributions.Normal(0.0, 1.0) if self.family == "gaussian" else torch.distributions.Laplace(0.0, 1.0)
+    return base.log_prob(z).sum(-1)
 
 # %% ../nbs/02_objectives.ipynb #c005l
 OBJECTIVES: dict = {}                                                    # name -> Objective subclass
 OBJECTIVE_CLASSES = OBJECTIVES                                           # the earlier name of the registry
+PAPER_OBJECTIVES = ("mopoe", "mvae", "mmvae", "subset_elbos")             # the paper's four (the old `mopoe.experts.OBJECTIVES`)
 RENAMED_OBJECTIVES = {"powerset": "subset_elbos"}                        # old name -> new name (accepted with a DeprecationWarning)
+OBJECTIVE_MODULES = ["mopoe.mmjsd", "mopoe.mmvaeplus"]                   # modules whose classes register themselves
+
+def load_objectives() -> dict:
+    "Import the modules of OBJECTIVE_MODULES (those that exist) so that their objectives are registered; returns OBJECTIVES."
+    for module in OBJECTIVE_MODULES:
+        try: importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module: raise                                   # a missing dependency inside it is an error
+    return OBJECTIVES
 
 def register_objective(cls):
     "Class decorator: make the Objective subclass `cls` selectable by its `name`; returns `cls`."
@@ -145,15 +167,18 @@ def register_objective(cls):
     OBJECTIVES[cls.name] = cls
     return cls
 
+# %% ../nbs/02_objectives.ipynb #c005l_1
 def objective_name(objective: str) -> str:
     "The current name of `objective` (an old name gives a DeprecationWarning); ValueError listing the choices if unknown."
     if objective in RENAMED_OBJECTIVES:
         new = RENAMED_OBJECTIVES[objective]
         warnings.warn(f"objective {objective!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
         return new
+    if objective not in OBJECTIVES: load_objectives()
     if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     return objective
 
+# %% ../nbs/02_objectives.ipynb #c005l_2
 def get_objective(objective="mopoe", **options) -> Objective:
     "An Objective by registered name with its options (`OBJECTIVES[name].option_names()`), or a configured one passed through."
     if isinstance(objective, Objective):
@@ -281,3 +306,37 @@ class SubsetELBOs(Objective):
 
 # %% ../nbs/02_objectives.ipynb #c007c
 for _cls in (MoPoE, MVAE, MMVAE, SubsetELBOs): register_objective(_cls)
+
+# %% ../nbs/02_objectives.ipynb #c005q
+@register_objective
+class MoPoEAux(MoPoE):
+    "MoPoE with private latents where modalities outside the sampled subset are decoded with w ~ r_n = N(0, diag sigma_n^2), sigma_n learnable."
+    name, needs_private = "mopoe_aux", True
+    equation = "Eq. 6, modalities outside the sampled subset decoded with w ~ r_n(w) (MMVAE+, Palumbo et al. 2023, Eq. 5)"
+
+    def setup(self, model):
+        if not model.private_dim: raise ValueError("objective 'mopoe_aux' needs modality-specific latents: build the model with private_dim > 0")
+        self.aux_logscale = nn.ParameterDict({m: nn.Parameter(torch.zeros(model.private_dim)) for m in model.modalities})
+
+    def private_prior_sample(self, model, modality, lead_shape, like):
+        "w ~ r_n = N(0, diag sigma_n^2) for `modality` (reparameterised: sigma_n trains)."
+        scale = self.aux_logscale[modality].exp().to(like.dtype)
+        return torch.randn(*lead_shape, model.private_dim, device=like.device, dtype=like.dtype) * scale
+
+    def model_loss(self, model, x, observed=None, beta=1.0):
+        mu, lv, _, private = model.encode(x, observed)
+        M, B = mu.shape[:2]
+        mask = self.subsets(M, mu.device)
+        allowed = None if observed is None else allowed_subsets(mask, observed)
+        ids = component_ids(len(mask), B, self.sampling, mu.device, allowed)          # each row's subset S_b
+        in_s = mask[ids]                                                               # (B, M): n in S_b
+        col = {m: i for i, m in enumerate(model.modalities)}
+        def log_lik(z, modality=None):
+            w = model.sample_private(private, z.shape[:-1])
+            w = {m: torch.where(in_s[:, col[m], None], w[m], self.private_prior_sample(model, m, z.shape[:-1], z)) for m in w}
+            return model.reconstruct(x, observed, z, w)
+        loss, logs = self.loss(mu, lv, log_lik, beta, observed=observed, ids=ids, check=False)
+        klp = model.private_kl(private, observed)
+        loss = loss + beta * self.private_kl_weight * klp
+        logs.update(loss=loss.detach(), kl_private=klp.detach())
+        return loss, logs
