@@ -38,7 +38,10 @@ def test_help_explains_every_option(capsys):
 
 @pytest.mark.parametrize("model", OBJECTIVES)
 def test_every_model_trains_and_evaluates_through_run(model, data_dir, tmp_path):
-    res = run(resolve_config(**TINY, objective=model, data_dir=str(data_dir), out_dir=str(tmp_path)), progress=False)
+    "Every registered objective trains, evaluates and writes results.json through `run` (private latents where it needs them)."
+    from mopoe.objectives import OBJECTIVES as REG
+    private = 4 if getattr(REG[model], "needs_private", False) else 0
+    res = run(resolve_config(**TINY, objective=model, private_dim=private, data_dir=str(data_dir), out_dir=str(tmp_path)), progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(res["results"])) and saved["config"]["objective"] == model
     assert len(saved["metrics"]["latent"]["per_subset"]) == 7 and saved["data"]["sizes"] == {"train": 96, "test": 32}
