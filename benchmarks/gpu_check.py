@@ -177,7 +177,7 @@ def time_steps(args, dataset: str, variant: str, tmp: Path) -> dict:
         order = 50
         def after_batch(self, learn):
             if learn.step == 1:
-                sync(device); rec["first_step_s"] = time.perf_counter() - rec["t_start"]          # incl. compilation
+                sync(device); rec["to_first_step_s"] = time.perf_counter() - rec["t_start"]       # build + compile + step 1
             if learn.step == warmup:
                 sync(device)
                 if device.type == "cuda":
@@ -200,7 +200,7 @@ def time_steps(args, dataset: str, variant: str, tmp: Path) -> dict:
     tuples = PAPER_TRAIN_TUPLES[dataset]
     paper_steps = None if tuples is None else cfg.epochs * (tuples // cfg.batch_size)
     res = {"ms_per_step": round(ms, 3), "wall_ms_per_step": round(wall_ms, 3), "steps_timed": steps, "warmup_steps": warmup,
-           "first_step_s": round(rec.get("first_step_s", float("nan")), 2), "batch_size": cfg.batch_size,
+           "seconds_to_first_step": round(rec.get("to_first_step_s", float("nan")), 2), "batch_size": cfg.batch_size,
            "latent_dim": cfg.latent_dim, "amp": cfg.amp, "compile": cfg.compile, "compile_backend": args.compile_backend,
            "data_on_device": bool(getattr(learn, "data_on_device", False)), "drop_last": bool(getattr(learn, "drop_last", False)),
            "projected_paper_schedule_s": None if paper_steps is None else round(paper_steps * ms / 1000, 1)}
@@ -361,8 +361,8 @@ def table(results: dict) -> str:
     where = env.get("gpu") or f"CPU ({env.get('cpu_count')} cores)"
     lines = [f"Device: {where}; torch {env.get('torch')}, CUDA {env.get('cuda')}; commit {env.get('commit')}"
              + ("; SMOKE RUN (tiny sizes, not a measurement)" if results["settings"]["smoke"] else ""), "",
-             "| dataset | variant | ms / step | peak memory (GB) | paper schedule (steps) | projected paper schedule |",
-             "|---|---|---|---|---|---|"]
+             "| dataset | variant | ms / step | peak memory (GB) | data on device | paper schedule (steps) | projected paper schedule |",
+             "|---|---|---|---|---|---|---|"]
     for ds, st in results.get("step_times", {}).items():
         if not isinstance(st, dict) or "paper_schedule" not in st: continue
         steps = st["paper_schedule"]["steps"]
@@ -372,6 +372,7 @@ def table(results: dict) -> str:
             proj = r.get("projected_paper_schedule_s")
             lines.append(f"| {ds} | {v} | {_fmt(r.get('ms_per_step')) if not why else 'failed' if 'error' in r else 'skipped'} | "
                          f"{_fmt(r.get('peak_memory_gb'), '{:.2f}') if 'peak_memory_gb' in r else '–'} | "
+                         f"{('yes' if r['data_on_device'] else 'no') if 'data_on_device' in r else '–'} | "
                          f"{steps if steps else 'unknown'} | {f'{proj / 60:.1f} min' if proj else '–'} |")
     tr, ev, full, sc = (results.get(k, {}) for k in ("training", "evaluation_small", "evaluation_full", "sync_count"))
     lines += ["", "| check | result |", "|---|---|"]

@@ -6,7 +6,6 @@ Every test runs the real trainer (`mopoe.train.train`) or the real model on tiny
 (random uint8 images and text of the real shapes, the real nets at latent 8, batch 8), so the code paths are the
 ones a GPU run takes. Limits and tolerances are module constants, each with its reason.
 """
-import functools
 import json
 import math
 import subprocess
@@ -41,9 +40,10 @@ MAX_GRAPH_BREAKS = 0
 # a few Adam steps differences in summation order may grow a little: relative 1e-4.
 COMPILED_RTOL = 1e-4
 # bf16 autocast vs float32: bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4 %); the losses are sums of
-# ~10^4 per-pixel terms whose rounding errors mostly cancel; measured deviations on these nets are ~0.1-0.3 % of the
-# loss, so 2 % per step bounds them with room for the few Adam steps over which the weights drift apart.
-BF16_RTOL = 2e-2
+# ~10^4 per-pixel terms whose rounding errors mostly cancel: measured 0.008-0.15 % per step (mopoe, subset_elbos, with
+# masks, 4 steps). 1 % bounds that with room for the Adam steps over which the weights drift apart, and still fails on
+# a systematic error of a few bf16 roundings (e.g. a loss reduced in bf16).
+BF16_RTOL = 1e-2
 # The fusion and the KLs under autocast: computed in float32 from float32 experts, so equal to the float32 values
 # to float32 rounding.
 FUSION_RTOL = 1e-5
@@ -296,8 +296,9 @@ def test_gpu_check_smoke(tmp_path):
             if variant == "compiled_bf16" and ds != "polymnist":                  # the smoke run compiles once
                 assert "skipped" in v; continue
             assert "error" not in v, v
-            assert v["ms_per_step"] > 0 and v["steps_timed"] > 0 and v["projected_paper_schedule_s"] > 0
-        assert st["paper_schedule"]["steps_per_epoch"] > 0 and st["paper_schedule"]["epochs"] > 0
+            assert v["ms_per_step"] > 0 and v["steps_timed"] > 0
+            assert (v["projected_paper_schedule_s"] or 0) > 0 or st["paper_schedule"]["train_tuples"] is None
+        assert st["paper_schedule"]["epochs"] > 0 and (st["paper_schedule"]["steps_per_epoch"] or 1) > 0
     tr = res["training"]
     assert "error" not in tr and tr["steps"] > 0 and tr["seconds"] > 0
     ev = res["evaluation_small"]
