@@ -28,14 +28,21 @@ data, runs two steps and reports its peak resident set (VmHWM; ru_maxrss would i
 which Linux carries across fork+exec) and the resident set after the imports; torch CPU allocations are
 invisible to tracemalloc.
 
+Trainer A/B (issue 21, ``--trainer-ab TREE [TREE ...]``): the per-step cost of `mopoe.train.train` itself (data
+batching, the loop, its callbacks, the optimizer) of this tree against other checkouts of mopoe (e.g. an earlier
+commit exported with ``git archive``). Each measurement is a fresh interpreter with ``PYTHONPATH`` set to one tree that
+trains PolyMNIST's cpu preset nets (M = 5, latent 64, batch 64, random uint8 tuples) for ``K0`` and for ``K0 + K``
+steps in one process, after an untimed one-step run (imports, lazy caches); (T(K0 + K) - T(K0)) / K is the step time
+without the fixed costs (building the model, the first steps). The trees alternate within every round (order rotated), ``--repeats`` rounds, median and spread reported.
+
 Usage: python benchmarks/bench_objective.py [--modalities 2 3 5 8 10 12] [--json out.json] [--quick]
+       python benchmarks/bench_objective.py --trainer-ab /tmp/b802ad6 [--repeats 5] [--json ab.json]
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -377,6 +384,61 @@ def format_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def trainer_child(steps0: int, steps: int, threads: int) -> dict:
+    "In a tree's interpreter: seconds of `train` for steps0 and steps0 + steps PolyMNIST cpu-preset steps."
+    import tempfile
+    import warnings
+    import torch
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+    import mopoe.train as T
+    from mopoe.data import DatasetInfo, MultimodalDataset
+    mods = [f"m{i}" for i in range(5)]
+    info = DatasetInfo("polymnist", mods, {m: (3, 28, 28) for m in mods}, {m: "laplace" for m in mods},
+                       {m: 2352 for m in mods}, 10, False, [str(i) for i in range(10)], {m: True for m in mods})
+    def ds(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return MultimodalDataset({m: torch.randint(0, 256, (n, 3, 28, 28), generator=g, dtype=torch.uint8) for m in mods},
+                                 torch.randint(0, 10, (n,), generator=g), {m: "image" for m in mods})
+    times = {}
+    for k in (1, steps0, steps0 + steps):                                # the first run warms imports and caches (untimed)
+        cfg = T.resolve_config(dataset="polymnist", preset="cpu", device="cpu", seed=0, epochs=1,
+                               out_dir=tempfile.mkdtemp(), data_dir=tempfile.mkdtemp())
+        data = (ds((k + 2) * cfg.batch_size, 0), ds(16, 1), info)       # stops mid-epoch: no test loss, no checkpoint
+        t = time.perf_counter()
+        if hasattr(T, "StopAfter"): T.train(cfg, callbacks=[T.StopAfter(k)], data=data, progress=False)
+        else: T.train(cfg, data=data, progress=False, stop_after_steps=k)
+        times[k] = time.perf_counter() - t
+    return {"seconds": times, "step_s": (times[steps0 + steps] - times[steps0]) / steps,
+            "batch_size": cfg.batch_size, "latent_dim": cfg.latent_dim, "torch_threads": torch.get_num_threads()}
+
+
+def trainer_ab(args) -> dict:
+    "Alternate child interpreters over the trees (this one first: '.') for --repeats rounds."
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = [here] + [os.path.abspath(t) for t in args.trainer_ab]
+    per = {t: [] for t in trees}
+    t0 = time.time()
+    load = [os.getloadavg()[0]]
+    for r in range(args.repeats):
+        order = trees[r % len(trees):] + trees[:r % len(trees)]
+        for tree in order:
+            env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": str(args.threads)}
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--trainer-child", str(args.ab_steps0), str(args.ab_steps),
+                                "--threads", str(args.threads)], env=env, capture_output=True, text=True, timeout=args.child_timeout, cwd=tree)
+            if p.returncode != 0: raise RuntimeError(f"trainer child in {tree} failed: {p.stderr[-1500:]}")
+            out = json.loads(p.stdout.strip().splitlines()[-1])
+            per[tree].append(out["step_s"])
+            print(f"round {r + 1} {tree}: {out['step_s'] * 1000:.1f} ms/step", flush=True)
+        load.append(os.getloadavg()[0])
+    stats = {t: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "all_s": v} for t, v in per.items()}
+    base = stats[here]["median_s"]
+    return {"trees": trees, "this_tree": here, "settings": {"steps0": args.ab_steps0, "steps": args.ab_steps, "repeats": args.repeats,
+            "threads": args.threads, "setup": "PolyMNIST cpu preset: M=5, latent 64, batch 64, random uint8 tuples"},
+            "step_time": stats, "ratio_to_this_tree": {t: s["median_s"] / base for t, s in stats.items()},
+            "load_average": load, "wall_seconds": time.time() - t0, "machine": platform.processor() or platform.machine()}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modalities", type=int, nargs="+", default=[2, 3, 5, 8, 10, 12])
@@ -394,6 +456,11 @@ def parse_args(argv=None):
                    help="CI smoke run: batch 8, latent 16, M = 2 3, 2 repeats, 1 thread, memory of bare and mopoe at M=2")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "M"), help=argparse.SUPPRESS)
+    p.add_argument("--trainer-ab", nargs="+", default=None, metavar="TREE",
+                   help="time mopoe.train's step in this tree and in these checkouts (alternating child interpreters)")
+    p.add_argument("--ab-steps0", type=int, default=3, help="trainer A/B: steps of the short run (fixed costs)")
+    p.add_argument("--ab-steps", type=int, default=20, help="trainer A/B: extra steps of the long run (timed)")
+    p.add_argument("--trainer-child", nargs=2, type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
         a.batch, a.latent, a.repeats, a.modalities, a.threads = 8, 16, 2, [2, 3], 1
@@ -407,6 +474,18 @@ def main(argv=None):
     if args.child:
         print(json.dumps(child_memory(args.child[0], int(args.child[1]), args.batch, args.latent, args.threads)))
         return
+    if args.trainer_child:
+        print(json.dumps(trainer_child(*args.trainer_child, args.threads)))
+        return
+    if args.trainer_ab:
+        res = trainer_ab(args)
+        for t, s in res["step_time"].items():
+            print(f"{t}: median {s['median_s'] * 1000:.1f} ms/step (min {s['min_s'] * 1000:.1f}, max {s['max_s'] * 1000:.1f}), "
+                  f"ratio to this tree {res['ratio_to_this_tree'][t]:.3f}")
+        print(f"load average during the run: {', '.join(f'{x:.1f}' for x in res['load_average'])}")
+        if args.json:
+            with open(args.json, "w") as f: json.dump(res, f, indent=1)
+        return res
     res = run(args)
     print()
     print(format_table(res))
