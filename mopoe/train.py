@@ -591,7 +591,7 @@ def _validate_data(train_ds, test_ds, info, model):
 def _loss_fn(net, device, compiled: bool):
     "loss_fn(x, observed, beta) for the learner: β a Python number (eager) or a 0-dim device tensor (compiled)."
     if not compiled: return lambda x, obs, beta: _forward(net, x, obs, beta=beta)
-    return lambda x, obs, beta: _forward(net, x, obs, beta=torch.tensor(beta, dtype=torch.float32, device=device))
+    return lambda x, obs, beta: _forward(net, x, obs, beta=torch.full((), beta, dtype=torch.float32, device=device))   # no copy
 
 def default_callbacks(cfg, out, info_plain, progress: bool, device) -> list:
     "The callbacks every run has: KL schedule, NaN check, progress, checkpoints, the chosen loggers, the epoch line."

@@ -1,6 +1,7 @@
 """train.ipynb and sweep.ipynb through papermill: a short run learns, results.json holds what the notebook shows,
 the parameters cell is the configuration's declaration, nbdev_test skips the heavy notebooks, sweeps never mix runs."""
 import ast
+import re
 import json
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def test_other_datasets_run(dataset, data_dir, tmp_path):
     (dict(num_train=0), "num_train must be at least 1 (or None), got 0"),
 ])
 def test_bad_parameter_is_refused_before_any_work(params, message, tmp_path):
-    with pytest.raises(pm.PapermillExecutionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(pm.PapermillExecutionError, match=re.escape(message)):
         _execute(NB, tmp_path / "out.ipynb", **params, data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"))
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
