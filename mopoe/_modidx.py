@@ -152,6 +152,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                                 'mopoe.evaluate._LatentScorer.update': ('evaluate.html#_latentscorer.update', 'mopoe/evaluate.py'),
                                 'mopoe.evaluate._by_size_coherence': ('evaluate.html#_by_size_coherence', 'mopoe/evaluate.py'),
                                 'mopoe.evaluate._chunks': ('evaluate.html#_chunks', 'mopoe/evaluate.py'),
+                                'mopoe.evaluate._classifier_for': ('evaluate.html#_classifier_for', 'mopoe/evaluate.py'),
                                 'mopoe.evaluate._device_of': ('evaluate.html#_device_of', 'mopoe/evaluate.py'),
                                 'mopoe.evaluate._fit_lr': ('evaluate.html#_fit_lr', 'mopoe/evaluate.py'),
                                 'mopoe.evaluate._fork_rng': ('evaluate.html#_fork_rng', 'mopoe/evaluate.py'),

@@ -155,6 +155,13 @@ def _load_classifier_cache(path, nets: dict, settings: dict, info) -> dict | Non
         return None
 
 # %% ../nbs/08_evaluate.ipynb #c030
+def _classifier_for(info, modality, arch, net_kw):
+    "The dataset's registered classifier builder (mopoe.data's registry) when it has one, else `nets.make_classifier`."
+    from mopoe.data import REGISTRY
+    entry = REGISTRY.get(getattr(info, "name", None))
+    if entry is not None and entry.classifier is not None and arch is None and not net_kw: return entry.classifier(info, modality)
+    return make_classifier(info, modality, arch=arch, **net_kw)
+
 def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, device=None,
                       cache_dir: str | None = None, seed: int = 0, test_ds: Dataset | None = None, arch: str | None = None,
                       max_train: int | None = None, progress: bool = True, **net_kw) -> Classifiers:
@@ -168,7 +175,7 @@ def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int 
     with _fork_rng(device):
         def fresh():
             torch.manual_seed(seed)
-            return {m: make_classifier(info, m, arch=arch, **net_kw).to(device) for m in info.modalities}
+            return {m: _classifier_for(info, m, arch, net_kw).to(device) for m in info.modalities}
         nets = fresh()
         blob = _load_classifier_cache(path, nets, settings, info)
         if blob is None:

@@ -27,7 +27,7 @@ import sys
 import time
 import typing
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -480,7 +480,10 @@ def folder_lock(folder):
     folder = Path(folder)
     made = not folder.exists()
     try:
-        with run_lock(folder):
+        with run_lock(folder) as held:
+            if held.stale and held.stale.get("pid") != os.getpid():
+                print(f"took over the lock of {folder} from PID {held.stale.get('pid')} (started {held.stale.get('started')}), "
+                      "which ended without releasing it", file=sys.stderr)
             clean_stale_temp(folder)
             yield
     finally:                                               # a folder this call made and nothing was written to: removed
