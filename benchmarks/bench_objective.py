@@ -97,8 +97,10 @@ def build(variant: str, M: int, latent: int, seed: int = 0, beta: float = 2.5, s
     liks = {m: get_likelihood("laplace", scale=scale) for m in info.modalities}
     objective = "mopoe" if variant in ("bare", "mopoe_masked", "mopoe_exact") else variant
     kl = "subset_average" if variant == "mopoe_exact" else "auto"
-    return MultimodalVAE(enc, dec, liks, latent, 0, objective, beta, default_rec_weights(info.data_dims),
-                         shapes=info.shapes, kl=kl)
+    model = MultimodalVAE(enc, dec, liks, latent, 0, objective=objective, rec_weights=default_rec_weights(info.data_dims),
+                          shapes=info.shapes, kl=kl)
+    model.bench_beta = beta                                  # the KL weight the steps use (the model holds no β)
+    return model
 
 
 def make_observed(M: int, batch: int, rate: float = MISSING_RATE, seed: int = 3):
@@ -120,7 +122,7 @@ def bare_loss(model, x: dict):
         mu, lv = model.encoders[m](x[m])
         z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
         rec = model.rec_weights[m] * model.likelihoods[m].log_prob(model.decoders[m](z), x[m])
-        total = total + rec - model.beta * gaussian_kl(mu, lv)
+        total = total + rec - model.bench_beta * gaussian_kl(mu, lv)
     return -total.mean()
 
 
@@ -133,8 +135,8 @@ def make_step(variant: str, model, x: dict, lr: float = 1e-3):
         M, B = len(x), next(iter(x.values())).shape[0]
         obs = make_observed(M, B)
         x = {m: torch.where(obs[:, i, None, None, None], t, torch.full_like(t, float("nan"))) for i, (m, t) in enumerate(x.items())}
-        loss_fn = lambda: model.loss(x, observed=obs)[0]
-    else: loss_fn = (lambda: bare_loss(model, x)) if variant == "bare" else (lambda: model.loss(x)[0])
+        loss_fn = lambda: model.loss(x, beta=model.bench_beta, observed=obs)[0]
+    else: loss_fn = (lambda: bare_loss(model, x)) if variant == "bare" else (lambda: model.loss(x, beta=model.bench_beta)[0])
     def step():
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()

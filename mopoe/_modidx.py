@@ -207,6 +207,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                                'mopoe.experts.check_subsets': ('experts.html#check_subsets', 'mopoe/experts.py'),
                                'mopoe.experts.component_dist': ('experts.html#component_dist', 'mopoe/experts.py'),
                                'mopoe.experts.component_ids': ('experts.html#component_ids', 'mopoe/experts.py'),
+                               'mopoe.experts.float32_fusion': ('experts.html#float32_fusion', 'mopoe/experts.py'),
                                'mopoe.experts.gaussian': ('experts.html#gaussian', 'mopoe/experts.py'),
                                'mopoe.experts.gaussian_kl': ('experts.html#gaussian_kl', 'mopoe/experts.py'),
                                'mopoe.experts.mean_subset_kl': ('experts.html#mean_subset_kl', 'mopoe/experts.py'),

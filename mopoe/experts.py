@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['MAX_MODALITIES', 'LOGVAR_MIN', 'LOGVAR_MAX', 'LOGVAR_LEAK', 'PRIOR_EXPERT', 'FAMILIES', 'SAMPLING', 'subset_mask',
            'subset_names', 'subsets_within', 'allowed_subsets', 'bounded_logvar', 'precisions', 'prior_flags',
-           'check_subsets', 'poe', 'poe_rows', 'component_dist', 'rsample', 'gaussian', 'mean_subset_kl', 'gaussian_kl',
-           'sampled_subset_kl', 'component_ids', 'MixtureOfProducts']
+           'check_subsets', 'float32_fusion', 'poe', 'poe_rows', 'component_dist', 'rsample', 'gaussian',
+           'mean_subset_kl', 'gaussian_kl', 'sampled_subset_kl', 'component_ids', 'MixtureOfProducts']
 
 # %% ../nbs/01_experts.ipynb #c002
+import functools
 import itertools
 import math
 import warnings
@@ -111,7 +112,17 @@ def _check_experts(mu, logvar, weights, prior, check: bool = True):
         raise ValueError(f"the subset mask has {weights.shape[-1]} columns but there are {mu.shape[0]} experts")
     if check: check_subsets(weights, prior)
 
+# %% ../nbs/01_experts.ipynb #c011g1
+def float32_fusion(f):
+    "Decorator: run `f` with autocast off (its products in float32 even inside a bf16 autocast region)."
+    @functools.wraps(f)
+    def run(*args, **kw):
+        dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False): return f(*args, **kw)
+    return run
+
 # %% ../nbs/01_experts.ipynb #c011g
+@float32_fusion
 def _fuse(mu: Tensor, logvar: Tensor, weights: Tensor, prior: Tensor | None, eq: str, check: bool = True):
     "Closed-form product of the experts (M, B, D) selected by `weights` over M, summed as the einsum `eq` says."
     prior = torch.zeros(weights.shape[0], dtype=torch.bool, device=weights.device) if prior is None else prior
@@ -200,6 +211,7 @@ class _MeanSubsetKL(torch.autograd.Function):
         return gP * g, gmu * g, None, None, None, None, None
 
 # %% ../nbs/01_experts.ipynb #c017a
+@float32_fusion
 def mean_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None, chunk_elems: int | None = None,
                    allowed: Tensor | None = None, check: bool = True) -> Tensor:
     "Mean over the rows of `mask` (per row b: those `allowed[b]`) of KL(PoE of that subset || N(0, I)), summed over D: (B,)."
@@ -221,6 +233,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (torch.exp(logvar) + mu * mu - 1 - logvar).sum(-1)
 
 # %% ../nbs/01_experts.ipynb #c019c
+@float32_fusion
 def sampled_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None, num: int = 16,
                       allowed: Tensor | None = None, check: bool = True) -> Tensor:
     "Unbiased estimate of `mean_subset_kl`: per row the mean KL of `num` subsets drawn by systematic sampling: (B,)."

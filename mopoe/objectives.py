@@ -258,9 +258,10 @@ class MVAE(Objective):
             mu_r, lv_r = q.rows(component_ids(1, B, self.sampling, mu.device) if ids is None else ids)
             kl = q.mean_kl() if self.kl_estimator(1) == "subset_average" else gaussian_kl(mu_r, lv_r)
         else:                                                               # per row: the product of its observed experts
-            if ids is None: component_ids(1, B, self.sampling, mu.device)  # the same random stream as without a mask
+            if ids is None: ids = component_ids(1, B, self.sampling, mu.device)   # the same random stream as without a mask
+            rows = observed & (ids == 0)[:, None]   # ids are all 0 (one component): using them keeps the draw in a compiled graph
             prior = {"all": torch.ones_like(observed[:, 0]), "full": observed.all(1), "none": torch.zeros_like(observed[:, 0])}[self.prior_expert]
-            mu_r, lv_r = poe_rows(mu, logvar, observed, prior, check=False)
+            mu_r, lv_r = poe_rows(mu, logvar, rows, prior, check=False)
             kl = gaussian_kl(mu_r, lv_r)
         z = rsample(mu_r, lv_r)
         rec = log_lik(z)
