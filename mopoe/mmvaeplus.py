@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FAMILIES', 'ESTIMATORS', 'SCALE_EPS', 'latent_scale', 'standard_noise', 'log_density', 'MMVAEPlus']
 
-# %% ../nbs/02b_mmvaeplus.ipynb #28595b85
+# %% ../nbs/02b_mmvaeplus.ipynb #c002
 import math
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .objectives import Objective
 
-# %% ../nbs/02b_mmvaeplus.ipynb #c5471307
+# %% ../nbs/02b_mmvaeplus.ipynb #c005
 FAMILIES = ("laplace", "gaussian")      # the latent distributions: the authors' default first
 ESTIMATORS = ("elbo", "iwae", "dreg")   # K-sample ELBO; the "looser" stratified IWAE; its DReG gradient
 SCALE_EPS = 1e-6                        # floor of the Laplace scales (the authors' code adds 1e-20)
@@ -42,7 +42,7 @@ def log_density(x: Tensor, mu: Tensor, scale: Tensor, family: str = "laplace") -
     else: lp = -0.5 * ((x - mu) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)
     return lp.sum(-1)
 
-# %% ../nbs/02b_mmvaeplus.ipynb #7c071d10
+# %% ../nbs/02b_mmvaeplus.ipynb #c009
 _BASES = (Objective,) if issubclass(Objective, nn.Module) else (Objective, nn.Module)   # until Objective is a Module
 
 def _zero(t: Tensor) -> Tensor: return torch.zeros((), dtype=t.dtype, device=t.device)
@@ -81,7 +81,7 @@ class MMVAEPlus(*_BASES):
         raise NotImplementedError("MMVAE+ decodes every modality from every modality's z with its own private codes: "
                                   "it needs the model's pieces – use model_loss(model, x, observed, beta)")
 
-# %% ../nbs/02b_mmvaeplus.ipynb #e1413074
+# %% ../nbs/02b_mmvaeplus.ipynb #c011
 def _setup(self: MMVAEPlus, model) -> MMVAEPlus:
     "Create the auxiliary priors' raw scales (M, private_dim), zeros (scale 1), for `model`; call before building the optimizer."
     M, Dp = len(model.modalities), int(model.private_dim)
@@ -113,7 +113,7 @@ def _private_prior_sample(self: MMVAEPlus, model, modality: str, lead_shape, lik
 
 MMVAEPlus.setup, MMVAEPlus.aux_scale, MMVAEPlus.private_prior_sample = _setup, _aux_scale, _private_prior_sample
 
-# %% ../nbs/02b_mmvaeplus.ipynb #d92665a5
+# %% ../nbs/02b_mmvaeplus.ipynb #c015
 def _noise(noise: dict, key: str, shape, family, like):
     e = noise.get(key)
     if e is None: return standard_noise(shape, family, like)
