@@ -54,6 +54,7 @@ class MMVAEPlus(*_BASES):
     equation = "Palumbo et al. 2023, Eq. 4: (1/|O|) sum_m log (1/K) sum_k w_m^(k), stratified over the observed modalities"
     representation = "one_expert_per_row"          # latent classification on z: one unimodal posterior mean per row, as MMVAE
     private_kl_weight = 0.0                        # the private latents' terms are inside the log-weights
+    family = "laplace"                             # the latent distributions (instances: the `family` option)
 
     def __init__(self, K: int = 1, estimator: str = "elbo", family: str = "laplace",
                  prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified"):
@@ -144,6 +145,7 @@ def _encode_observed(model, x: dict, observed, D: int, Dp: int):
         mu, raw = model.encoders[m](t)
         if tuple(mu.shape) != (B, D + Dp) or tuple(raw.shape) != (B, D + Dp):
             raise ValueError(f"encoder {m!r} returned {tuple(mu.shape)} and {tuple(raw.shape)}, expected ({B}, {D + Dp}) each")
+        if mu.dtype in (torch.float16, torch.bfloat16): mu, raw = mu.float(), raw.float()   # densities in float32 at least
         enc[m] = (mu, raw)
     ref = next(iter(enc.values()))[0]
     zero = ref.new_zeros(B, D + Dp)
