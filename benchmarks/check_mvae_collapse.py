@@ -13,17 +13,18 @@ import time
 
 import torch
 
-from mopoe.train import batches, build_data, build_model, kl_weight, resolve_config, seed_everything
+from mopoe.learner import kl_weight
+from mopoe.train import batches, build_data, build_model, resolve_config, seed_everything
 
 VARIANTS = {   # name -> (options, what it tests)
     "cpu": (dict(), "the grid's setting: cpu preset (latent 64, beta 1, batch 64, lr 1e-3), He-init encoders"),
-    "paper_init": (dict(encoders="paper"), "the same with PyTorch's default init and ReLU (the paper's encoders)"),
+    "paper_init": (dict(encoder_init="paper"), "the same with PyTorch's default init and ReLU (the paper's encoders)"),
     "prior_full": (dict(prior_expert="full"), "the prior expert only in the full-set product, not in the unimodal ones"),
     "prior_none": (dict(prior_expert="none"), "no prior expert in any product"),
     "warmup": (dict(beta_warmup=1000), "KL weight rising from 0 to beta over 1,000 steps (Wu & Goodman's annealing)"),
     "missing_0.25": (dict(missing_rate=0.25), "the grid's setting, each modality of a training tuple missing with probability 0.25"),
     "missing_0.75": (dict(missing_rate=0.75), "the same at missing rate 0.75"),
-    "paper_setup": (dict(latent_dim=512, beta=2.5, batch_size=256, lr=5e-4, encoders="paper"),
+    "paper_setup": (dict(latent_dim=512, beta=2.5, batch_size=256, lr=5e-4, encoder_init="paper"),
                     "the paper's PolyMNIST hyperparameters (latent 512, beta 2.5, batch 256, lr 5e-4, paper encoders)"),
 }
 
@@ -38,7 +39,7 @@ def probe(model, x):
 
 def check(name, steps, every, num_train, seed=0, data_dir="data"):
     options, what = VARIANTS[name]
-    cfg = resolve_config(dataset="polymnist", preset="cpu", model="mvae", num_train=num_train, num_test=256,
+    cfg = resolve_config(dataset="polymnist", preset="cpu", objective="mvae", num_train=num_train, num_test=256,
                          data_dir=data_dir, seed=seed, device="cpu", **options)
     train_ds, test_ds, info = build_data(cfg)
     seed_everything(seed)

@@ -26,7 +26,7 @@ def main(argv=None):
     from torch.utils.data import DataLoader
     from mopoe.train import resolve_config, build_data, build_model
     from mopoe.experts import subset_mask, subset_names
-    cfg = resolve_config(dataset="polymnist", model="mvae", data_dir=a.data_dir)
+    cfg = resolve_config(dataset="polymnist", objective="mvae", data_dir=a.data_dir)
     train, test, info = build_data(cfg)
     variants = {"earlier (prior in the full product only, no unimodal ELBOs)": dict(prior_expert="full", unimodal_elbos=False),
                 "faithful (prior in every product + unimodal ELBOs)": dict()}
@@ -40,14 +40,14 @@ def main(argv=None):
         torch.manual_seed(0)
         from mopoe.model import MultimodalVAE
         base = build_model(cfg, info)
-        model = MultimodalVAE(dict(base.encoders), dict(base.decoders), base.likelihoods, cfg.latent_dim, 0, "mvae", cfg.beta,
-                              base.rec_weights, shapes=info.shapes, **opts)
+        model = MultimodalVAE(dict(base.encoders), dict(base.decoders), base.likelihoods, cfg.latent_dim, 0, objective="mvae",
+                              rec_weights=base.rec_weights, shapes=info.shapes, **opts)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True)
         t, step = time.perf_counter(), 0
         while step < a.steps:
             for x, _ in loader:
-                loss, _ = model(x)
+                loss, _ = model(x, beta=cfg.beta)
                 opt.zero_grad(); loss.backward(); opt.step()
                 step += 1
                 if step >= a.steps: break

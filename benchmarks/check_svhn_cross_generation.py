@@ -1,7 +1,7 @@
 """SVHN generated from SVHN and from MNIST alone by a trained MNIST-SVHN-Text run (first 2,000 test tuples): classifier
 accuracy, pixel spread, and a figure (test image, S<-S, S<-M per digit).
 Usage: python benchmarks/check_svhn_cross_generation.py RUN_DIR OUT  (writes OUT.json and OUT.png)."""
-import sys, json, torch, numpy as np, matplotlib
+import sys, json, torch, matplotlib
 matplotlib.use("Agg"); import matplotlib.pyplot as plt
 torch.set_num_threads(1)
 from mopoe.train import load_run

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY
 from mopoe.evaluate import evaluate
-from mopoe.experts import OBJECTIVES
+from mopoe.train import objective_choices
+OBJECTIVES = objective_choices()
 from mopoe.train import OPTIONS, load_run, main, main_eval, resolve_config, run
 
 BIN = Path(sys.executable).parent
@@ -38,11 +38,11 @@ def test_help_explains_every_option(capsys):
 
 @pytest.mark.parametrize("model", OBJECTIVES)
 def test_every_model_trains_and_evaluates_through_run(model, data_dir, tmp_path):
-    res = run(resolve_config(**TINY, model=model, data_dir=str(data_dir), out_dir=str(tmp_path)), progress=False)
+    res = run(resolve_config(**TINY, objective=model, data_dir=str(data_dir), out_dir=str(tmp_path)), progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved == json.loads(json.dumps(res["results"])) and saved["config"]["model"] == model
+    assert saved == json.loads(json.dumps(res["results"])) and saved["config"]["objective"] == model
     assert len(saved["metrics"]["latent"]["per_subset"]) == 7 and saved["data"]["sizes"] == {"train": 96, "test": 32}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".mopoe.lock") == ["checkpoint.pt", "metrics.jsonl", "results.json"]
 
 
 def test_command_succeeds_with_exit_0_and_parses_booleans(data_dir, tmp_path):
@@ -61,14 +61,16 @@ def test_command_succeeds_with_exit_0_and_parses_booleans(data_dir, tmp_path):
 @pytest.mark.parametrize("args, status, message", [
     (["--epochs", "1.5"], 2, "argument --epochs: epochs must be a whole number, got 1.5"),
     (["--beta", "abc"], 2, "argument --beta: beta must be a number, got 'abc'"),
-    (["--num_train", "-5"], 1, "mopoe-train: error: num_train must be at least 1 (or None), got -5"),
+    (["--num_train", "-5"], 2, "mopoe-train: error: num_train must be at least 1 (or None), got -5"),   # a bad option: 2
+    (["--seed", "-1"], 2, "mopoe-train: error: seed must be at least 0, got -1"),
+    (["--dataset", "mnist_svhn_text", "--num_modalities", "7"], 2, "num_modalities is a PolyMNIST option"),
     (["--resume", "maybe"], 2, "resume must be true or false, got 'maybe'"),
     (["--resume", "true"], 1, "holds no checkpoint"),
 ])
 def test_command_fails_with_one_line_and_creates_nothing(args, status, message, tmp_path):
     p = _cli("mopoe-train", "--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "data"), *args)
     assert p.returncode == status and message in p.stderr, p.stderr
-    if status == 1: assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    if message.startswith("mopoe-train: error") or status == 1: assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
@@ -85,7 +87,7 @@ def test_reloaded_run_gives_identical_metrics(data_dir, tmp_path):
     model, cfg, info, _ = load_run(tmp_path / "copy")
     assert not model.training and cfg.epochs == 1 and list(info.modalities) == ["mnist", "svhn", "text"]
     train_ds, test_ds, _ = res["data"]
-    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], num_samples=cfg.num_samples, max_test=cfg.eval_max_test,
+    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], num_samples=cfg.loglik_samples, max_test=cfg.eval_max_test,
                      max_test_loglik=cfg.loglik_max_test, seed=cfg.seed, progress=False)
     strip = lambda m: {k: v for k, v in m.items() if k != "time"}
     assert strip(again) == strip(res["metrics"])

@@ -1,5 +1,4 @@
 """Two CPU processes train with DDP (gloo) and must end with identical parameters."""
-import dataclasses
 import multiprocessing as mp
 import os
 import socket

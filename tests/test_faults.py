@@ -14,7 +14,7 @@ import torch
 
 import mopoe.io
 import mopoe.train as T
-from mopoe.io import CorruptFileError, DiskFullError, content_digest, load_verified
+from mopoe.io import DiskFullError, content_digest, load_verified
 from mopoe.train import CheckpointError, load_checkpoint, read_results, resolve_config, sweep_config, train
 
 
@@ -205,8 +205,8 @@ def test_results_and_sweep_files(tmp_path):
     (tmp_path / "r" / "results.json").write_text('{"config": {"epochs": 2')       # truncated
     with pytest.raises(ValueError, match="results.json is not valid JSON"):
         read_results(tmp_path / "r", resolve_config())
-    with pytest.raises(ValueError, match="unknown model '../../x'"):
-        sweep_config(tmp_path / "runs", model="../../x")
+    with pytest.raises(ValueError, match="unknown objective '../../x'"):
+        sweep_config(tmp_path / "runs", objective="../../x")
     assert not (tmp_path / "runs").exists()
     (tmp_path / "afile").write_text("")
     with pytest.raises(NotADirectoryError, match="runs_dir .* is not a folder"):
@@ -219,7 +219,7 @@ def test_results_and_sweep_files(tmp_path):
     (dict(beta="abc"), "beta must be a number, got 'abc'"),
     (dict(epochs=1.5), "epochs must be a whole number, got 1.5"),
     (dict(lr="-1"), "lr must be greater than 0"),
-    (dict(model="poe"), "unknown model 'poe'"),
+    (dict(objective="poe"), "unknown objective 'poe'"),
     (dict(out_dir=""), "out_dir must be a folder name"),
 ])
 def test_bad_config_is_refused_before_any_work(options, message, tmp_path, monkeypatch):
@@ -257,12 +257,14 @@ def test_resume_compares_paths_resolved(tmp_path, monkeypatch, reference):
         train(cfg_for(out, resume=True, data_dir="other"), progress=False, data=DATA)
 
 
-def test_reload_falls_back_to_prev_and_changes_no_file(tmp_path):
+def test_reload_of_a_damaged_final_checkpoint_is_refused_unless_asked_and_changes_no_file(tmp_path):
+    "A damaged checkpoint.pt is an error naming the intact previous one; use_prev=True loads that one; no file changes."
     from mopoe.train import load_run
     out = two_epochs(tmp_path)
     raw = bytearray((out / "checkpoint.pt").read_bytes()); raw[len(raw) // 2] ^= 0xFF
     (out / "checkpoint.pt").write_bytes(bytes(raw))
     before = snapshot(out)
-    with pytest.warns(UserWarning, match="using the previous checkpoint .*\\(epoch 1\\)"):
-        saved = load_run(out)
+    with pytest.raises(CheckpointError, match="checkpoint.prev.pt \\(epoch 1\\) is intact.*use_prev=True"):
+        load_run(out)
+    saved = load_run(out, use_prev=True)
     assert saved.state["epoch"] == 1 and not saved.model.training and snapshot(out) == before

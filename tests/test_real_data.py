@@ -201,7 +201,7 @@ def test_train_notebook_paper_preset_on_real_fixture(dataset, fixture_root, tmp_
     pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), progress_bar=False, kernel_name="python3",
                         parameters=dict(dataset=dataset, source="real", data_dir=str(fixture_root), preset="paper",
                                         epochs=1, batch_size=8, num_train=16, num_test=8, classifier_epochs=1,
-                                        num_samples=2, loglik_max_test=8, out_dir=str(out), device="cpu"))
+                                        loglik_samples=2, loglik_max_test=8, out_dir=str(out), device="cpu"))
     res = json.loads((out / "results.json").read_text())
     cfg, paper = res["config"], PAPER_SETUPS[dataset]
     assert cfg["source"] == "real" and cfg["preset"] == "paper"
@@ -240,7 +240,7 @@ def test_command_line_source_real(fixture_root, tmp_path):
     from mopoe.train import main                   # the `mopoe-train` entry point
     status = main(["--dataset", "mnist_svhn_text", "--source", "real", "--data_dir", str(fixture_root), "--epochs", "1",
                    "--batch_size", "8", "--num_train", "16", "--num_test", "8", "--device", "cpu", "--classifier_epochs", "1",
-                   "--num_samples", "2", "--loglik_max_test", "8", "--out_dir", str(tmp_path / "cli")])
+                   "--loglik_samples", "2", "--loglik_max_test", "8", "--out_dir", str(tmp_path / "cli")])
     assert status == 0
     res = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert res["config"]["source"] == "real" and res["data"]["source"] == "real" and not res["data"]["stand_in"]

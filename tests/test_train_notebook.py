@@ -75,7 +75,7 @@ def test_short_run_learns_and_results_json_holds_what_was_shown(data_dir, tmp_pa
 @pytest.mark.parametrize("dataset", ["polymnist", "celeba"])
 def test_other_datasets_run(dataset, data_dir, tmp_path):
     params = dict(dataset=dataset, epochs=1, batch_size=32, num_train=96, num_test=32, data_dir=str(data_dir),
-                  out_dir=str(tmp_path / "run"), classifier_epochs=1, num_samples=2, loglik_max_test=8, device="cpu")
+                  out_dir=str(tmp_path / "run"), classifier_epochs=1, loglik_samples=2, loglik_max_test=8, device="cpu")
     if dataset == "polymnist": params["num_modalities"] = 3
     _execute(NB, tmp_path / "out.ipynb", **params)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -86,7 +86,8 @@ def test_other_datasets_run(dataset, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(model="poe"), "choose one of: mopoe, mvae, mmvae, subset_elbos"),
+    (dict(objective="poe"), "choose one of: mopoe, mvae, mmvae, subset_elbos"),
+    (dict(bta=5), "unknown notebook parameter(s) ['bta']"),
     (dict(beta="abc"), "beta must be a number, got 'abc'"),
     (dict(num_train=0), "num_train must be at least 1 (or None), got 0"),
 ])
@@ -98,7 +99,7 @@ def test_bad_parameter_is_refused_before_any_work(params, message, tmp_path):
 
 def test_sweep_keys_folders_by_config_and_refuses_a_mismatched_one(data_dir, tmp_path):
     runs = tmp_path / "runs"
-    tiny = dict(epochs=1, batch_size=32, num_train=96, num_test=32, classifier_epochs=1, num_samples=2, loglik_max_test=8,
+    tiny = dict(epochs=1, batch_size=32, num_train=96, num_test=32, classifier_epochs=1, loglik_samples=2, loglik_max_test=8,
                 device="cpu")                                 # the sizes of conftest.TINY: the data cache is shared
     params = dict(dataset="mnist_svhn_text", models=["mopoe"], betas=[2.0], runs_dir=str(runs), data_dir=str(data_dir), train_params=tiny)
     out = _execute(SWEEP, tmp_path / "sweep_out.ipynb", **params)
@@ -113,6 +114,6 @@ def test_sweep_keys_folders_by_config_and_refuses_a_mismatched_one(data_dir, tmp
     with pytest.raises(pm.PapermillExecutionError, match=r"holds the results of another configuration: \{'epochs': \(7, 1\)\}"):
         _execute(SWEEP, tmp_path / "sweep_out2.ipynb", **{**params, "run_missing": False})
     # a model name that would leave runs_dir is refused before anything is created
-    with pytest.raises(pm.PapermillExecutionError, match="unknown model '../../x'"):
+    with pytest.raises(pm.PapermillExecutionError, match="unknown objective '../../x'"):
         _execute(SWEEP, tmp_path / "sweep_out3.ipynb", **{**params, "models": ["../../x"], "runs_dir": str(tmp_path / "r2")})
     assert not (tmp_path / "r2").exists() and not (tmp_path.parent / "x").exists()
