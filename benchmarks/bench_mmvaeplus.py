@@ -49,24 +49,22 @@ def polymnist_info(M: int):
 
 
 def build(variant: str, info, latent: int = 32, private: int = 32, seed: int = 0, scale: float = 0.75):
-    "The MultimodalVAE of `variant` on `info`'s networks (MMVAE+: built as MMVAE, the same subsets, then given its objective)."
+    "The MultimodalVAE of `variant` on `info`'s networks (MMVAE+: its auxiliary priors set up)."
     torch.manual_seed(seed)
     enc, dec = make_networks(info, latent, private)
     liks = {m: get_likelihood("laplace", scale=scale) for m in info.modalities}
-    kind = "mmvae" if variant.startswith("mmvaeplus") else variant
-    model = MultimodalVAE(enc, dec, liks, latent, private, kind, rec_weights=default_rec_weights(info.data_dims),
-                          shapes=info.shapes)
+    objective = variant
     if variant.startswith("mmvaeplus"):
         K = 4 if variant == "mmvaeplus_k4" else 1
-        model.objective = MMVAEPlus(K=K, estimator="elbo" if K == 1 else "iwae").setup(model)
+        objective = MMVAEPlus(K=K, estimator="elbo" if K == 1 else "iwae")
+    model = MultimodalVAE(enc, dec, liks, latent, private, objective, rec_weights=default_rec_weights(info.data_dims),
+                          shapes=info.shapes)
+    if variant.startswith("mmvaeplus"): model.objective.setup(model)
     return model
 
 
 def loss_of(model, x: dict, beta: float):
-    "The model's training loss: the objective's `model_loss` (MMVAE+, and every objective once the registry landed) else `loss`."
-    if hasattr(model.objective, "model_loss"):
-        xp, obs = model.prepare(x)
-        return model.objective.model_loss(model, xp, obs, beta)
+    "The model's training loss (its objective's `model_loss` through `MultimodalVAE.loss`)."
     return model.loss(x, beta=beta)
 
 
@@ -139,12 +137,17 @@ def train_check(args):
     P = MMVAEPLUS_POLYMNIST_PAPER
     t0 = time.perf_counter()
     train, test, info = get_datasets("polymnist", root=args.data_dir, num_train=2000, num_test=500)
-    model = build("mmvaeplus", info, P["latent_dim"], P["private_dim"], seed=args.seed, scale=P["likelihood_scale"])
-    model.objective = MMVAEPlus(**P["objective_options"]).setup(model)
+    torch.manual_seed(args.seed)
+    enc, dec = make_networks(info, P["latent_dim"], P["private_dim"])
+    liks = {m: get_likelihood("laplace", scale=P["likelihood_scale"]) for m in info.modalities}
+    model = MultimodalVAE(enc, dec, liks, P["latent_dim"], P["private_dim"], P["objective"],
+                          rec_weights=default_rec_weights(info.data_dims), shapes=info.shapes, **P["objective_options"])
+    model.objective.setup(model)
     opt = torch.optim.Adam(model.parameters(), lr=P["lr"], amsgrad=P["amsgrad"])
     g = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=P["batch_size"], shuffle=True, drop_last=True, generator=g)
-    print(f"MMVAE+ on offline PolyMNIST (2000 train / 500 test), {args.train_steps} steps, batch {P['batch_size']}, "
+    batch = args.train_batch or P["batch_size"]
+    loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True, drop_last=True, generator=g)
+    print(f"MMVAE+ on offline PolyMNIST (2000 train / 500 test), {args.train_steps} steps, batch {batch}, "
           f"beta {P['beta']}, Adam(amsgrad) lr {P['lr']}, threads {torch.get_num_threads()}")
     step, window, t_train = 0, [], time.perf_counter()
     while step < args.train_steps:
@@ -154,7 +157,7 @@ def train_check(args):
             window.append(loss.item()); step += 1
             if step % 25 == 0 or step == 1:
                 print(f"  step {step:4d}  loss {sum(window) / len(window):9.1f}  rec {logs['rec'].item():9.1f}  "
-                      f"kl {logs['kl'].item():7.1f}  aux scale mean {logs['aux_scale'].item():.3f}", flush=True)
+                      f"kl {logs['kl'].item():7.1f}  r_n scales {logs['aux_scale_min'].item():.3f}..{logs['aux_scale_max'].item():.3f}", flush=True)
                 window = []
             if step >= args.train_steps: break
     t_train = time.perf_counter() - t_train
@@ -184,6 +187,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier-epochs", type=int, default=8)
+    p.add_argument("--train-batch", type=int, default=None, help="training check's batch (default: the paper preset's 128)")
     args = p.parse_args(argv)
     if args.train_steps: train_check(args)
     else: bench(args)

@@ -306,7 +306,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                                  'mopoe.mmvaeplus.MMVAEPlus.__repr__': ('mmvaeplus.html#mmvaeplus.__repr__', 'mopoe/mmvaeplus.py'),
                                  'mopoe.mmvaeplus.MMVAEPlus.loss': ('mmvaeplus.html#mmvaeplus.loss', 'mopoe/mmvaeplus.py'),
                                  'mopoe.mmvaeplus.MMVAEPlus.subset_rule': ('mmvaeplus.html#mmvaeplus.subset_rule', 'mopoe/mmvaeplus.py'),
-                                 'mopoe.mmvaeplus.MMVAEPlus.subsets': ('mmvaeplus.html#mmvaeplus.subsets', 'mopoe/mmvaeplus.py'),
                                  'mopoe.mmvaeplus._aux_scale': ('mmvaeplus.html#_aux_scale', 'mopoe/mmvaeplus.py'),
                                  'mopoe.mmvaeplus._check_bound': ('mmvaeplus.html#_check_bound', 'mopoe/mmvaeplus.py'),
                                  'mopoe.mmvaeplus._check_family': ('mmvaeplus.html#_check_family', 'mopoe/mmvaeplus.py'),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .objectives import Objective
+from .objectives import Objective, register_objective
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c005
 FAMILIES = ("laplace", "gaussian")      # the latent distributions: the authors' default first
@@ -44,11 +44,10 @@ def log_density(x: Tensor, mu: Tensor, scale: Tensor, family: str = "laplace") -
     return lp.sum(-1)
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c009
-_BASES = (Objective,) if issubclass(Objective, nn.Module) else (Objective, nn.Module)   # until Objective is a Module
-
 def _zero(t: Tensor) -> Tensor: return torch.zeros((), dtype=t.dtype, device=t.device)
 
-class MMVAEPlus(*_BASES):
+@register_objective
+class MMVAEPlus(Objective):
     "MMVAE+: shared z, private w_m, auxiliary priors r_n(w_n) for cross-modal reconstruction; stratified ELBO/IWAE/DReG."
     name, default_prior_expert = "mmvaeplus", "none"
     equation = "Palumbo et al. 2023, Eq. 4: (1/|O|) sum_m log (1/K) sum_k w_m^(k), stratified over the observed modalities"
@@ -58,11 +57,10 @@ class MMVAEPlus(*_BASES):
 
     def __init__(self, K: int = 1, estimator: str = "elbo", family: str = "laplace",
                  prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified"):
-        nn.Module.__init__(self)
         if prior_expert not in ("auto", "none"): raise ValueError(f"MMVAE+ mixes unimodal posteriors, no product of experts: prior_expert must be 'auto' or 'none', got {prior_expert!r}")
         if kl != "auto": raise ValueError(f"MMVAE+ has no closed-form KL to choose: kl must be 'auto', got {kl!r}")
         if sampling != "stratified": raise ValueError(f"MMVAE+ stratifies its K samples over the modalities: sampling must be 'stratified', got {sampling!r}")
-        Objective.__init__(self, prior_expert="none")
+        super().__init__(prior_expert="none")
         if estimator not in ESTIMATORS: raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         _check_family(family)
         if isinstance(K, bool) or int(K) != K or K < 1: raise ValueError(f"K (samples per modality) must be a positive integer, got {K!r}")
@@ -76,8 +74,6 @@ class MMVAEPlus(*_BASES):
     def subset_rule(cls, num_modalities: int) -> Tensor:
         "The unimodal subsets (as MMVAE): the (M, M) identity mask, in `subset_mask`'s order."
         return torch.eye(num_modalities, dtype=torch.bool)
-
-    def subsets(self, num_modalities: int, device=None) -> Tensor: return self.subset_rule(num_modalities).to(device)
 
     def loss(self, *args, **kwargs):
         raise NotImplementedError("MMVAE+ decodes every modality from every modality's z with its own private codes: "
@@ -165,7 +161,8 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
     sz, sw = latent_scale(raw[..., :D], fam), latent_scale(raw[..., D:], fam)      # (M, B, D), (M, B, Dp)
     z = mz[:, None] + sz[:, None] * _noise(noise, "z", (M, K, B, D), fam, mu)         # (M, K, B, D): stratum m from q(z|x_m)
     w = mw[:, None] + sw[:, None] * _noise(noise, "w", (M, K, B, Dp), fam, mu)        # (M, K, B, Dp)
-    aux = _noise(noise, "aux", (M, M, K, B, Dp), fam, mu) * self.aux_scale().to(mu.dtype)[:, None, None, None]  # [n, m]: r_n
+    aux_s = self.aux_scale().to(mu.dtype)                                           # (M, Dp): the scales of r_n
+    aux = _noise(noise, "aux", (M, M, K, B, Dp), fam, mu) * aux_s[:, None, None, None]   # [n, m]: w~_n for stratum m
     dreg = self.estimator == "dreg"
     qz, qs, qwm, qws = (t.detach() for t in (mz, sz, mw, sw)) if dreg else (mz, sz, mw, sw)
     lq = log_density(z[:, :, None], qz, qs, fam)                                    # (M, K, M', B): q(z | x_m') at stratum m's z
@@ -196,12 +193,12 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
         surrogate = rows((wts * lw).sum(1)).mean()
         loss = loss.detach() - (surrogate - surrogate.detach())                     # the bound's value, DReG's gradient
     logs = {"loss": loss.detach(), "rec": rows(lpx.mean(1)).mean().detach(), "kl": rows(-reg.mean(1)).mean().detach(),
-            "aux_scale": self.aux_scale().mean().detach()}
+            "aux_scale_min": aux_s.min().detach(), "aux_scale_max": aux_s.max().detach()}
     return loss, logs
 
 MMVAEPlus.model_loss = _model_loss
 
-# %% ../nbs/02b_mmvaeplus.ipynb #c019
+# %% ../nbs/02b_mmvaeplus.ipynb #c021
 MMVAEPLUS_POLYMNIST_PAPER = dict(   # Palumbo, Daunhawer & Vogt, ICLR 2023; srl-ethz/mmvaeplus@29276ea, run_polyMNIST_experiment.sh
     objective="mmvaeplus", objective_options=dict(K=1, estimator="elbo", family="laplace"),
     latent_dim=32, private_dim=32, beta=2.5, beta_warmup=0, batch_size=128, epochs=250,

@@ -14,10 +14,9 @@ from mopoe.model import MultimodalVAE
 
 
 def build(obj, encoders, decoders, D, Dp, scale):
-    "A MultimodalVAE with the MMVAE+ objective `obj` (built as MMVAE – the same unimodal subsets – then given `obj`)."
-    names = list(encoders)
-    model = MultimodalVAE(encoders, decoders, {m: Gaussian(scale) for m in names}, D, Dp, objective="mmvae")
-    model.objective = obj.setup(model)
+    "A float64 MultimodalVAE with the MMVAE+ objective `obj`, its auxiliary priors set up."
+    model = MultimodalVAE(encoders, decoders, {m: Gaussian(scale) for m in encoders}, D, Dp, objective=obj)
+    obj.setup(model)
     return model.double()
 
 
