@@ -54,6 +54,7 @@ class MMVAEPlus(Objective):
     representation = "one_expert_per_row"          # latent classification on z: one unimodal posterior mean per row, as MMVAE
     private_kl_weight = 0.0                        # the private latents' terms are inside the log-weights
     family = "laplace"                             # the latent distributions (instances: the `family` option)
+    needs_private = True                           # only with modality-specific latents (private_dim >= 1)
 
     def __init__(self, K: int = 1, estimator: str = "elbo", family: str = "laplace",
                  prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified"):
