@@ -11,7 +11,7 @@ in one process (warm-up first), medians printed with the ratio to MoPoE:
   M decoder calls of M*K*B rows – M^2 times the decoding work of the others;
 - ``mmvaeplus_k4`` (``--variants``): the same with K = 4 (the IWAE/DReG settings scale with K).
 
-Training check (``--train-steps N``): MMVAE+ (paper preset's objective and optimiser: Laplace family, K = 1, beta 2.5,
+Training check (``--train-steps N``; ``--train-objective mopoe`` for the same run with MoPoE): MMVAE+ (paper preset's objective and optimiser: Laplace family, K = 1, beta 2.5,
 Adam with amsgrad at 1e-3, batch 128) for N steps on offline PolyMNIST (num_train 2000, num_test 500); prints the loss
 every 25 steps, then the cross-modal coherence (for each source m and target n != m: z ~ q(z|x_m), w_n ~ r_n, the
 decoded mean classified by a classifier trained on the target modality), self-reconstruction coherence, and the
@@ -141,14 +141,15 @@ def train_check(args):
     torch.manual_seed(args.seed)
     enc, dec = make_networks(info, P["latent_dim"], P["private_dim"])
     liks = {m: get_likelihood("laplace", scale=P["likelihood_scale"]) for m in info.modalities}
-    model = MultimodalVAE(enc, dec, liks, P["latent_dim"], P["private_dim"], P["objective"],
-                          rec_weights=default_rec_weights(info.data_dims), shapes=info.shapes, **P["objective_options"])
-    model.objective.setup(model)
+    options = P["objective_options"] if args.train_objective == "mmvaeplus" else {}
+    model = MultimodalVAE(enc, dec, liks, P["latent_dim"], P["private_dim"], args.train_objective,
+                          rec_weights=default_rec_weights(info.data_dims), shapes=info.shapes, **options)
+    if isinstance(model.objective, MMVAEPlus): model.objective.setup(model)   # (the model calls it once the hook is in)
     opt = torch.optim.Adam(model.parameters(), lr=P["lr"], amsgrad=P["amsgrad"])
     g = torch.Generator().manual_seed(args.seed)
     batch = args.train_batch or P["batch_size"]
     loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True, drop_last=True, generator=g)
-    print(f"MMVAE+ on offline PolyMNIST (2000 train / 500 test), {args.train_steps} steps, batch {batch}, "
+    print(f"{args.train_objective} on offline PolyMNIST (2000 train / 500 test), {args.train_steps} steps, batch {batch}, "
           f"beta {P['beta']}, Adam(amsgrad) lr {P['lr']}, threads {torch.get_num_threads()}")
     step, window, t_train = 0, [], time.perf_counter()
     while step < args.train_steps:
@@ -158,7 +159,9 @@ def train_check(args):
             window.append(loss.item()); step += 1
             if step % 25 == 0 or step == 1:
                 print(f"  step {step:4d}  loss {sum(window) / len(window):9.1f}  rec {logs['rec'].item():9.1f}  "
-                      f"kl {logs['kl'].item():7.1f}  r_n scales {logs['aux_scale_min'].item():.3f}..{logs['aux_scale_max'].item():.3f}", flush=True)
+                      f"kl {logs['kl'].item():7.1f}"
+                      + (f"  r_n scales {logs['aux_scale_min'].item():.3f}..{logs['aux_scale_max'].item():.3f}" if "aux_scale_min" in logs else ""),
+                      flush=True)
                 window = []
             if step >= args.train_steps: break
     t_train = time.perf_counter() - t_train
@@ -195,6 +198,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier-epochs", type=int, default=8)
+    p.add_argument("--train-objective", default="mmvaeplus", choices=("mmvaeplus", "mopoe", "mmvae"),
+                   help="training check: the objective (the others for comparison, same networks, latents, beta, optimiser)")
     p.add_argument("--save", default=None, help="training check: write the trained model's state_dict here")
     p.add_argument("--train-batch", type=int, default=None, help="training check's batch (default: the paper preset's 128)")
     args = p.parse_args(argv)
