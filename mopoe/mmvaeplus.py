@@ -151,6 +151,7 @@ def _encode_observed(model, x: dict, observed, D: int, Dp: int):
     raw = torch.where(keep, torch.stack([enc[m][1] if m in enc else zero for m in names]), _zero(ref))
     return data, obs, mu, raw
 
+# %% ../nbs/02b_mmvaeplus.ipynb #c018
 def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None, beta=1.0, noise: dict | None = None):
     "Negative stratified ELBO/IWAE bound averaged over the batch (DReG: that value, DReG's gradient), and detached logs."
     _check_bound(self, model)
@@ -199,7 +200,7 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
 
 MMVAEPlus.model_loss = _model_loss
 
-# %% ../nbs/02b_mmvaeplus.ipynb #c021
+# %% ../nbs/02b_mmvaeplus.ipynb #c024
 MMVAEPLUS_POLYMNIST_PAPER = dict(   # Palumbo, Daunhawer & Vogt, ICLR 2023; srl-ethz/mmvaeplus@29276ea, run_polyMNIST_experiment.sh
     objective="mmvaeplus", objective_options=dict(K=1, estimator="elbo", family="laplace"),
     latent_dim=32, private_dim=32, beta=2.5, beta_warmup=0, batch_size=128, epochs=250,
