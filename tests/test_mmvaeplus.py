@@ -177,3 +177,19 @@ def test_dreg_biased_for_distinct_posteriors_at_K_above_1():
     de, _ = gradients("dreg", False, 8, CALLS, ROWS, seed=1)
     t = paired_t(de, ie)
     assert (t**2).mean() > 10, t
+
+
+def test_bench_script_smoke(capsys):
+    "benchmarks/bench_mmvaeplus.py runs (tiny batch) and prints a measured time per variant with its ratio to MoPoE."
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mmvaeplus.py"
+    spec = importlib.util.spec_from_file_location("bench_mmvaeplus", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--batch", "4", "--repeats", "1", "--modalities", "2"])
+    out = capsys.readouterr().out
+    import re
+    for v in ("mopoe", "mmvae", "mmvaeplus"):
+        m = re.search(rf"^  {v}\s+median ([0-9.]+) s .* x([0-9.]+) MoPoE$", out, re.M)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
