@@ -193,3 +193,28 @@ def test_bench_script_smoke(capsys):
     for v in ("mopoe", "mmvae", "mmvaeplus"):
         m = re.search(rf"^  {v}\s+median ([0-9.]+) s .* x([0-9.]+) MoPoE$", out, re.M)
         assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+
+
+@pytest.mark.parametrize("estimator", ["elbo", "iwae", "dreg"])
+def test_training_step_reads_no_device_value(estimator):
+    "No host read (.item(), nonzero, a tensor's truth value) in a training step, with and without per-tuple masks."
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.nonzero.default)
+        def __init__(s): super().__init__(); s.reads = []
+        def __torch_dispatch__(s, func, types, args=(), kwargs=None):
+            if func in s.READS: s.reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    encs, decs, D, Dp = dreg_model(False)
+    model = build(MMVAEPlus(K=2, estimator=estimator), encs, decs, D, Dp, 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = {m: torch.randn(6, 3, generator=g, dtype=torch.float64) for m in "ab"}
+    obs = torch.tensor([[True, True], [True, False], [False, True]] * 2)
+    for observed in (None, obs):
+        with HostReads() as c:
+            loss, logs = model.objective.model_loss(model, x, observed, torch.tensor(2.5, dtype=torch.float64))
+            loss.backward()
+        assert c.reads == [], c.reads
+        assert all(not v.requires_grad and v.dim() == 0 for v in logs.values())
