@@ -50,7 +50,8 @@ def _zero(t: Tensor) -> Tensor: return torch.zeros((), dtype=t.dtype, device=t.d
 class MMVAEPlus(Objective):
     "MMVAE+: shared z, private w_m, auxiliary priors r_n(w_n) for cross-modal reconstruction; stratified ELBO/IWAE/DReG."
     name, default_prior_expert = "mmvaeplus", "none"
-    equation = "Palumbo et al. 2023, Eq. 4: (1/|O|) sum_m log (1/K) sum_k w_m^(k), stratified over the observed modalities"
+    equation = ("Palumbo et al. 2023 (authors' objectives.py, m_elbo): (1/|O|) sum_m log (1/K) sum_k w_m^(k), "
+                "stratified over the observed modalities")
     representation = "one_expert_per_row"          # latent classification on z: one unimodal posterior mean per row, as MMVAE
     private_kl_weight = 0.0                        # the private latents' terms are inside the log-weights
     family = "laplace"                             # the latent distributions (instances: the `family` option)
