@@ -142,7 +142,8 @@ def train_check(args):
     torch.manual_seed(args.seed)
     enc, dec = make_networks(info, P["latent_dim"], P["private_dim"])
     liks = {m: get_likelihood("laplace", scale=P["likelihood_scale"]) for m in info.modalities}
-    options = P["objective_options"] if args.train_objective == "mmvaeplus" else {}
+    options = dict(P["objective_options"], **({"family": args.train_family} if args.train_family else {})) \
+        if args.train_objective == "mmvaeplus" else {}
     model = MultimodalVAE(enc, dec, liks, P["latent_dim"], P["private_dim"], args.train_objective,
                           rec_weights=default_rec_weights(info.data_dims), shapes=info.shapes, **options)
     if isinstance(model.objective, MMVAEPlus): model.objective.setup(model)   # (the model calls it once the hook is in)
@@ -150,7 +151,7 @@ def train_check(args):
     g = torch.Generator().manual_seed(args.seed)
     batch = args.train_batch or P["batch_size"]
     loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True, drop_last=True, generator=g)
-    print(f"{args.train_objective} on offline PolyMNIST ({args.train_modalities} modalities, 2000 train / 500 test), {args.train_steps} steps, batch {batch}, "
+    print(f"{args.train_objective} {options or ''} on offline PolyMNIST ({args.train_modalities} modalities, 2000 train / 500 test), {args.train_steps} steps, batch {batch}, "
           f"beta {P['beta']}, Adam(amsgrad) lr {P['lr']}, threads {torch.get_num_threads()}")
     step, window, t_train = 0, [], time.perf_counter()
     while step < args.train_steps:
@@ -202,6 +203,7 @@ def main(argv=None):
     p.add_argument("--train-objective", default="mmvaeplus", choices=("mmvaeplus", "mopoe", "mmvae"),
                    help="training check: the objective (the others for comparison, same networks, latents, beta, optimiser)")
     p.add_argument("--train-modalities", type=int, default=5, help="training check: PolyMNIST modalities (M^2 decoder passes)")
+    p.add_argument("--train-family", default=None, choices=("laplace", "gaussian"), help="training check: MMVAE+'s latent family (default: the preset's laplace)")
     p.add_argument("--save", default=None, help="training check: write the trained model's state_dict here")
     p.add_argument("--train-batch", type=int, default=None, help="training check's batch (default: the paper preset's 128)")
     args = p.parse_args(argv)
