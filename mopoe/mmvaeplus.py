@@ -206,3 +206,4 @@ MMVAEPLUS_POLYMNIST_PAPER = dict(   # Palumbo, Daunhawer & Vogt, ICLR 2023; srl-
     objective="mmvaeplus", objective_options=dict(K=1, estimator="elbo", family="laplace"),
     latent_dim=32, private_dim=32, beta=2.5, beta_warmup=0, batch_size=128, epochs=250,
     lr=1e-3, amsgrad=True, likelihood_scale=0.75)
+MMVAEPlus.paper_presets = {"polymnist": MMVAEPLUS_POLYMNIST_PAPER}   # what `preset="paper"` means for this objective

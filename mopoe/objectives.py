@@ -162,7 +162,9 @@ def register_objective(cls):
     if not (isinstance(cls, type) and issubclass(cls, Objective)): raise TypeError(f"register_objective takes an Objective subclass, got {cls!r}")
     if not isinstance(cls.name, str) or not cls.name.isidentifier(): raise ValueError(f"{cls.__name__}.name must be an identifier, got {cls.name!r}")
     old = OBJECTIVES.get(cls.name)
-    if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+    same = old is not None and old.__qualname__ == cls.__qualname__ and (old.__module__ == cls.__module__ or "__main__" in
+                                                                          (old.__module__, cls.__module__))   # a notebook's own copy
+    if old is not None and old is not cls and not same:
         raise ValueError(f"objective name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}")
     OBJECTIVES[cls.name] = cls
     return cls

@@ -255,6 +255,15 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
         try: vals[k] = expand_path(vals[k], k)                # ~ and $VARS, once (mopoe.io), the same way everywhere
         except ValueError as e: raise ConfigError(str(e)) from None
     preset = paper_preset(vals["dataset"]) if vals["preset"] == "paper" else cpu_preset(vals["dataset"])
+    if vals["preset"] == "paper":                      # an objective's own paper setup (e.g. MMVAE+ on PolyMNIST) comes first
+        own = dict(getattr(_objectives.OBJECTIVES[vals["objective"]], "paper_presets", {}).get(vals["dataset"], {}))
+        own.pop("objective", None)
+        if own.get("objective_options") and not vals["objective_options"]:
+            vals["objective_options"] = ",".join(f"{k}={v!r}" for k, v in own["objective_options"].items())
+        if own.get("amsgrad") and vals["amsgrad"] is False: vals["amsgrad"] = True
+        if "likelihood_scale" in own and vals["likelihood_scale"] == OPTIONS["likelihood_scale"].default:
+            vals["likelihood_scale"] = own["likelihood_scale"]
+        preset = {**preset, **{k: v for k, v in own.items() if k not in ("objective_options", "amsgrad", "likelihood_scale")}}
     preset = {"beta_warmup": 0, "classifier_epochs": 3 if vals["preset"] == "cpu" else 10, **preset}
     for k, v in preset.items():
         if k in vals and vals[k] is None: vals[k] = v
