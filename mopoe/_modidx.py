@@ -602,6 +602,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                              'mopoe.train._forward': ('train.html#_forward', 'mopoe/train.py'),
                              'mopoe.train._loss_fn': ('train.html#_loss_fn', 'mopoe/train.py'),
                              'mopoe.train._needs_classifiers': ('train.html#_needs_classifiers', 'mopoe/train.py'),
+                             'mopoe.train._objective_paper_preset': ('train.html#_objective_paper_preset', 'mopoe/train.py'),
                              'mopoe.train._parser': ('train.html#_parser', 'mopoe/train.py'),
                              'mopoe.train._paths_equal': ('train.html#_paths_equal', 'mopoe/train.py'),
                              'mopoe.train._place_data': ('train.html#_place_data', 'mopoe/train.py'),

@@ -165,6 +165,7 @@ class Progress(Callback):
     def _close(self):
         if self.bar is not None: self.bar.close(); self.bar = None
 
+# %% ../nbs/07a_learner.ipynb #c022_1
 class EpochLine(Callback):
     "Print one line per epoch (rank 0): train and test loss, β when it is warming up, seconds."
     order = 30
@@ -202,6 +203,7 @@ def _require(package: str, logger: str):
     if importlib.util.find_spec(package) is None:
         raise ImportError(f"logger {logger!r} needs the package {package!r}, which is not installed: pip install {package}")
 
+# %% ../nbs/07a_learner.ipynb #c026_1
 class Logger(Callback):
     "Base of the loggers: `out_dir`, `sync_every`; writes on rank 0 only; `requires`: an optional package it needs."
     name, order, requires = None, 20, None
@@ -209,6 +211,7 @@ class Logger(Callback):
         if self.requires: _require(self.requires, self.name)
         self.out_dir, self.sync_every = Path(out_dir), max(1, int(sync_every))
 
+# %% ../nbs/07a_learner.ipynb #c026_2
 @register_logger
 class JSONLLogger(Logger):
     "metrics.jsonl: one JSON line per epoch record (appended after the epoch's checkpoint)."
@@ -217,6 +220,7 @@ class JSONLLogger(Logger):
         if learn.rank != 0: return
         with open(self.out_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(learn.record) + "\n")
 
+# %% ../nbs/07a_learner.ipynb #c026_3
 @register_logger
 class CSVLogger(Logger):
     "metrics.csv: the epoch records' numbers, one row per epoch (a header when the file is new)."
@@ -305,6 +309,7 @@ class WandbLogger(Logger):
     def after_fit(self, learn):
         if self.run is not None and learn.error is not None: self.run.finish(exit_code=1); self.run = None
 
+# %% ../nbs/07a_learner.ipynb #c029_1
 @register_logger
 class MLflowLogger(Logger):
     "A local MLflow run in out_dir/mlruns (needs the package mlflow)."

@@ -60,20 +60,24 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 PRESETS = ("cpu", "paper")
 FID_SAMPLES = {"cpu": 50, "paper": 10_000}   # images per FID: a small cpu default (biased upward: say n beside it), MMVAE+'s 10,000
 
+# %% ../nbs/07_train.ipynb #c005_1
 def cpu_preset(dataset: str) -> dict:
     "The `cpu` preset of a registered dataset (mopoe.data's registry; chosen by measurement on a 2-core CPU, see README)."
     return dict(dataset_entry(dataset).cpu_preset)
 
+# %% ../nbs/07_train.ipynb #c005_2
 def paper_preset(dataset: str) -> dict:
     "The `paper` preset of a registered dataset: its PaperSetup's values (06_nets)."
     setup = dataset_entry(dataset).paper_setup
     return setup.as_dict() if setup is not None else {}
 
+# %% ../nbs/07_train.ipynb #c005_3
 def objective_choices() -> tuple:
     "The registered objectives' names (mopoe.objectives' registry, with the modules that register more loaded)."
     if hasattr(_objectives, "load_objectives"): _objectives.load_objectives()
     return tuple(_objectives.OBJECTIVES)
 
+# %% ../nbs/07_train.ipynb #c005_4
 def parse_objective_options(text: str, objective: str) -> dict:
     "'K=4,estimator=dreg' -> {'K': 4, 'estimator': 'dreg'}, checked against the objective's options (ConfigError otherwise)."
     import ast
@@ -88,21 +92,25 @@ def parse_objective_options(text: str, objective: str) -> dict:
         raise ConfigError(f"objective_options: {objective!r} takes {', '.join(names)}; got {bad}")
     return out
 
+# %% ../nbs/07_train.ipynb #c005_5
 def metric_choices() -> tuple:
     "The registered metrics' names (mopoe.evaluate's registry)."
     from mopoe import evaluate
     reg = getattr(evaluate, "METRICS", ())
     return tuple(reg)
 
+# %% ../nbs/07_train.ipynb #c005_6
 def logger_choices() -> tuple:
     from mopoe.learner import LOGGERS
     return tuple(LOGGERS)
 
+# %% ../nbs/07_train.ipynb #c005_7
 def option(default, help: str, choices=None, low=None, strict: bool = False, many: bool = False):
     "Declare a run option: default, one line of help, choices (a tuple, or a function giving them), lower bound, comma list?"
     return field(default=default, metadata={"help": help, "choices": choices if callable(choices) else tuple(choices) if choices else None,
                                             "low": low, "strict": strict, "many": many})
 
+# %% ../nbs/07_train.ipynb #c005_8
 @dataclass
 class TrainConfig:
     "Every option of a run, training and evaluation. None = the preset's value (see each option's help)."
@@ -158,20 +166,24 @@ LEGACY_KEY_NAMES = {new: old for old, new in RENAMED_OPTIONS.items()}     # conf
 # %% ../nbs/07_train.ipynb #c005c
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
+# %% ../nbs/07_train.ipynb #c005c_1
 def _declared_type(tp):
     "(base type, optional?) of a field annotation such as `int | None`."
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return (args[0], True) if args else (tp, False)
 
+# %% ../nbs/07_train.ipynb #c005c_2
 class ConfigError(ValueError):
     "An option's value is refused (the message names the option and what it expects)."
 
+# %% ../nbs/07_train.ipynb #c005c_3
 def coerce_option(name: str, value):
     "`value` converted to option `name`'s declared type, or ConfigError naming the option and what it expects."
     try: return _coerce(name, value)
     except ConfigError: raise
     except ValueError as e: raise ConfigError(str(e)) from None
 
+# %% ../nbs/07_train.ipynb #c005c_4
 def _coerce(name: str, value):
     if name not in OPTIONS: raise ValueError(f"unknown option {name!r}; options: {', '.join(OPTIONS)}")
     base, optional = _declared_type(OPTIONS[name].type)
@@ -201,11 +213,13 @@ def _coerce(name: str, value):
     if not isinstance(value, str): raise ValueError(f"{name} must be a string, got {value!r}")
     return value
 
+# %% ../nbs/07_train.ipynb #c005c_5
 def option_choices(name) -> tuple | None:
     "The allowed values of option `name` (None: any)."
     c = OPTIONS[name].metadata["choices"]
     return c() if callable(c) else c
 
+# %% ../nbs/07_train.ipynb #c005c_6
 def _check_option(name, value):
     meta = OPTIONS[name].metadata
     if value is None: return
@@ -219,6 +233,7 @@ def _check_option(name, value):
         opt = " (or None)" if _declared_type(OPTIONS[name].type)[1] else ""
         raise ConfigError(f"{name} must be {'greater than' if meta['strict'] else 'at least'} {low}{opt}, got {value}")
 
+# %% ../nbs/07_train.ipynb #c005c_7
 def renamed_options(d: dict, warn: bool = True) -> dict:
     "`d` with the options' old names (model, encoders, num_samples) replaced by the new ones (DeprecationWarning)."
     out = dict(d)
@@ -231,6 +246,19 @@ def renamed_options(d: dict, warn: bool = True) -> dict:
         out[new] = v
     return out
 
+# %% ../nbs/07_train.ipynb #c005c_7b
+def _objective_paper_preset(vals: dict, preset: dict) -> dict:
+    "The dataset's paper preset with the objective's own paper setup on top (e.g. MMVAE+ on PolyMNIST); sets run options in `vals`."
+    own = dict(getattr(_objectives.OBJECTIVES[vals["objective"]], "paper_presets", {}).get(vals["dataset"], {}))
+    own.pop("objective", None)
+    if own.get("objective_options") and not vals["objective_options"]:
+        vals["objective_options"] = ",".join(f"{k}={v!r}" for k, v in own["objective_options"].items())
+    if own.get("amsgrad") and vals["amsgrad"] is False: vals["amsgrad"] = True
+    if "likelihood_scale" in own and vals["likelihood_scale"] == OPTIONS["likelihood_scale"].default:
+        vals["likelihood_scale"] = own["likelihood_scale"]
+    return {**preset, **{k: v for k, v in own.items() if k not in ("objective_options", "amsgrad", "likelihood_scale")}}
+
+# %% ../nbs/07_train.ipynb #c005c_8
 def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
     "Coerce and validate every option (a clear ConfigError naming it otherwise) and fill None fields from the preset."
     base = renamed_options(cfg) if isinstance(cfg, dict) else asdict(cfg or TrainConfig())
@@ -255,15 +283,7 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
         try: vals[k] = expand_path(vals[k], k)                # ~ and $VARS, once (mopoe.io), the same way everywhere
         except ValueError as e: raise ConfigError(str(e)) from None
     preset = paper_preset(vals["dataset"]) if vals["preset"] == "paper" else cpu_preset(vals["dataset"])
-    if vals["preset"] == "paper":                      # an objective's own paper setup (e.g. MMVAE+ on PolyMNIST) comes first
-        own = dict(getattr(_objectives.OBJECTIVES[vals["objective"]], "paper_presets", {}).get(vals["dataset"], {}))
-        own.pop("objective", None)
-        if own.get("objective_options") and not vals["objective_options"]:
-            vals["objective_options"] = ",".join(f"{k}={v!r}" for k, v in own["objective_options"].items())
-        if own.get("amsgrad") and vals["amsgrad"] is False: vals["amsgrad"] = True
-        if "likelihood_scale" in own and vals["likelihood_scale"] == OPTIONS["likelihood_scale"].default:
-            vals["likelihood_scale"] = own["likelihood_scale"]
-        preset = {**preset, **{k: v for k, v in own.items() if k not in ("objective_options", "amsgrad", "likelihood_scale")}}
+    if vals["preset"] == "paper": preset = _objective_paper_preset(vals, preset)
     preset = {"beta_warmup": 0, "classifier_epochs": 3 if vals["preset"] == "cpu" else 10, **preset}
     for k, v in preset.items():
         if k in vals and vals[k] is None: vals[k] = v
@@ -302,6 +322,7 @@ def build_data(cfg: TrainConfig):
                                      num_test=cfg.num_test, source=cfg.source, **opts)
     return incomplete_train_set(train, info, cfg), test, info
 
+# %% ../nbs/07_train.ipynb #c008_1
 def incomplete_train_set(train, info, cfg: TrainConfig):
     "The training set with the config's missing modalities (mopoe.incomplete); `train` itself when nothing is missing."
     if not (cfg.missing_rate or cfg.missing_fraction or cfg.complete_only): return train
@@ -313,6 +334,7 @@ def incomplete_train_set(train, info, cfg: TrainConfig):
     ds = IncompleteDataset(train, obs, mods)
     return complete_tuples(ds, repeat_to=len(train) if cfg.complete_only_repeat else None) if cfg.complete_only else ds
 
+# %% ../nbs/07_train.ipynb #c008_2
 def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     "The MultimodalVAE of a resolved config for a dataset `info`."
     init, act = ("torch", "relu") if cfg.encoder_init == "paper" else ("he", "leaky_relu")
@@ -328,17 +350,20 @@ def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     return MultimodalVAE(enc, dec, liks, cfg.latent_dim, cfg.private_dim, objective=cfg.objective, prior_expert=cfg.prior_expert,
                          shapes=info.shapes, kl=cfg.kl, **opts)
 
+# %% ../nbs/07_train.ipynb #c008_3
 def pick_device(name: str = "auto") -> torch.device:
     "CUDA when present (for 'auto'), else CPU."
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available(): raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
     return torch.device(name)
 
+# %% ../nbs/07_train.ipynb #c008_4
 def info_dict(info) -> dict:
     "A dataset description (DatasetInfo or any object with attributes) as plain JSON data."
     d = asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
     return json.loads(json.dumps(d, default=str))
 
+# %% ../nbs/07_train.ipynb #c008_5
 def info_from_dict(d: dict):
     "Inverse of `info_dict`: a DatasetInfo when its fields match, else a namespace with the same attributes."
     d = {**d, "shapes": {m: tuple(s) for m, s in d.get("shapes", {}).items()}}
@@ -348,6 +373,7 @@ def info_from_dict(d: dict):
         return DatasetInfo(**{k: v for k, v in d.items() if k in names})
     except (ImportError, TypeError): return SimpleNamespace(**d)
 
+# %% ../nbs/07_train.ipynb #c008_6
 def data_label(cfg: TrainConfig, info=None) -> str:
     "'' for the paper's real files; else a one-line label saying the run is on stand-in data (a smoke run beside the paper)."
     synthetic = [m for m, s in (getattr(info, "synthetic", None) or {}).items() if s]
@@ -366,9 +392,11 @@ CHECKPOINT_FORMAT = 2      # 2: the config holds every option that builds the mo
 BUILD_OPTIONS = ("dataset", "preset", "num_modalities", "latent_dim", "private_dim", "objective", "prior_expert", "likelihood_scale",
                  "encoder_init", "kl")   # objective_options too, when the checkpoint's objective takes options   # what build_model reads: a checkpoint must state each, or it is not rebuilt
 
+# %% ../nbs/07_train.ipynb #c010_1
 class CheckpointError(RuntimeError):
     "A checkpoint file is missing, unreadable or does not match the run."
 
+# %% ../nbs/07_train.ipynb #c010_2
 def save_checkpoint(state: dict, out_dir) -> Path:
     "Write out_dir/checkpoint.pt completely (verified, fsynced), then rotate: the old one becomes checkpoint.prev.pt."
     out = Path(out_dir); path, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
@@ -383,6 +411,7 @@ def save_checkpoint(state: dict, out_dir) -> Path:
     fsync_dir(out)
     return path
 
+# %% ../nbs/07_train.ipynb #c010_3
 def load_checkpoint(path) -> dict:
     "A verified checkpoint (on the CPU), or CheckpointError naming the file and, if present, the intact previous one."
     path = Path(path)
@@ -399,6 +428,7 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {e}{hint}") from None
     return state
 
+# %% ../nbs/07_train.ipynb #c010_4
 def latest_checkpoint(out_dir, move_damaged: bool = True) -> tuple[dict, Path]:
     "(state, path) of the newest intact checkpoint in out_dir, falling back to checkpoint.prev.pt with a warning."
     out = Path(out_dir); path, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
@@ -414,6 +444,7 @@ def latest_checkpoint(out_dir, move_damaged: bool = True) -> tuple[dict, Path]:
     warnings.warn(f"{why.split(';')[0]}; using the previous checkpoint {prev} (epoch {state['epoch']}) instead")
     return state, prev
 
+# %% ../nbs/07_train.ipynb #c010_5
 def rng_state() -> dict:
     "Every RNG state a run depends on, as plain data (tensors and numbers)."
     version, internal, gauss = random.getstate()
@@ -423,6 +454,7 @@ def rng_state() -> dict:
                       "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch": torch.get_rng_state(), "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []}
 
+# %% ../nbs/07_train.ipynb #c010_6
 def set_rng_state(s: dict):
     "Restore what `rng_state` saved."
     p, n = s["python"], s["numpy"]
@@ -431,6 +463,7 @@ def set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
+# %% ../nbs/07_train.ipynb #c010_7
 def seed_everything(seed: int):
     "Seed Python, NumPy and torch (CPU and CUDA)."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -456,15 +489,18 @@ def _dist_info():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
+# %% ../nbs/07_train.ipynb #c012c_1
 def _to(batch, device):
     "(x on device, observed on device or None) of a batch (x, y) or (x, y, observed)."
     x, obs = batch[0], (batch[2] if len(batch) > 2 else None)
     x = {m: t.to(device, non_blocking=True) for m, t in x.items()}
     return x, (obs.to(device, non_blocking=True) if obs is not None else None)
 
+# %% ../nbs/07_train.ipynb #c012c_2
 def _forward(net, x, obs, **kw):
     return net(x, observed=obs, **kw) if obs is not None else net(x, **kw)
 
+# %% ../nbs/07_train.ipynb #c012c_3
 @torch.no_grad()
 def test_loss(model, ds, batch_size, device, amp=False, beta: float = 1.0) -> dict:
     "Mean loss terms of the model's objective over a dataset at KL weight `beta` (summed on the device, read once)."
@@ -499,11 +535,13 @@ def folder_lock(folder):
         if made and folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
             (folder / LOCK_FILE).unlink(missing_ok=True); folder.rmdir()
 
+# %% ../nbs/07_train.ipynb #c012e_1
 def _paths_equal(a, b) -> bool: return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 _RESUME_FREE = ("epochs", "resume", "device", "out_dir", "data_dir", "classifier_epochs", "loglik_samples", "eval_max_test",
                 "loglik_max_test", "metrics", "loggers", "sync_every", "compile", "data_on_device", "fid_samples", "fid_weights")
 
+# %% ../nbs/07_train.ipynb #c012e_2
 def check_out_dir(cfg: TrainConfig):
     "Before anything is built or created: out_dir is usable, holds a checkpoint when resuming, no other run when not."
     out = Path(cfg.out_dir)
@@ -539,6 +577,7 @@ def _resume(cfg, out, model, opt, rank):
         atomic_write(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     return history, state["epoch"]
 
+# %% ../nbs/07_train.ipynb #c012f_1
 def _build_data_ranked(cfg):
     "build_data, rank 0 first under torchrun (it writes the caches the others then read)."
     world, rank, _ = _dist_info()
@@ -548,6 +587,7 @@ def _build_data_ranked(cfg):
     if distributed and rank == 0: dist.barrier()
     return data
 
+# %% ../nbs/07_train.ipynb #c012f_2
 def _setup_device(cfg):
     world, rank, local_rank = _dist_info()
     device = pick_device(cfg.device)
@@ -600,11 +640,13 @@ def _validate_data(train_ds, test_ds, info, model):
     for ds in (train_ds, test_ds): validate_dataset(ds, info, getattr(model, "likelihoods", None))
     model.check_inputs = False
 
+# %% ../nbs/07_train.ipynb #c012l_1
 def _loss_fn(net, device, compiled: bool):
     "loss_fn(x, observed, beta) for the learner: β a Python number (eager) or a 0-dim device tensor (compiled)."
     if not compiled: return lambda x, obs, beta: _forward(net, x, obs, beta=beta)
     return lambda x, obs, beta: _forward(net, x, obs, beta=torch.full((), beta, dtype=torch.float32, device=device))   # no copy
 
+# %% ../nbs/07_train.ipynb #c012l_2
 def default_callbacks(cfg, out, info_plain, progress: bool, device) -> list:
     "The callbacks every run has: KL schedule, NaN check, progress, checkpoints, the chosen loggers, the epoch line."
     cbs = [KLSchedule(), NaNCheck(cfg.sync_every, where=str(out)), Checkpointer(cfg, info_plain, out),
@@ -612,6 +654,7 @@ def default_callbacks(cfg, out, info_plain, progress: bool, device) -> list:
     if progress: cbs += [Progress(cfg.sync_every), EpochLine()]
     return cbs
 
+# %% ../nbs/07_train.ipynb #c012l_3
 def train(cfg: TrainConfig, callbacks=(), progress: bool = True, data=None) -> dict:
     "Train a config; returns {'model', 'history', 'out_dir', 'info', 'config', 'device', 'learner'}. `data` = (train, test, info)."
     cfg = resolve_config(cfg)
@@ -621,6 +664,7 @@ def train(cfg: TrainConfig, callbacks=(), progress: bool = True, data=None) -> d
         check_out_dir(cfg)                                     # again, now that no other process can write there
         return _train_locked(cfg, list(callbacks), progress, data, out)
 
+# %% ../nbs/07_train.ipynb #c012l_4
 def _train_locked(cfg, callbacks, progress, data, out):
     world, rank, _ = _dist_info()
     device = _setup_device(cfg)
@@ -656,6 +700,7 @@ def _train_locked(cfg, callbacks, progress, data, out):
 RUN_KEY_EXCLUDE = ("out_dir", "data_dir", "device", "resume", "loggers", "sync_every", "compile", "data_on_device")
 LATER_OPTIONS = ("complete_only_repeat", "metrics", "drop_last", "objective_options", "amsgrad", "fid_samples", "fid_weights")   # added after runs were published: out of the key at their default
 
+# %% ../nbs/07_train.ipynb #c014_1
 def _unused_metric_options(cfg) -> set:
     "Options that configure only metrics this config does not compute (they cannot change its results)."
     from mopoe.evaluate import METRICS
@@ -663,6 +708,7 @@ def _unused_metric_options(cfg) -> set:
     used = {o for n, m in METRICS.items() if n in chosen for o in m.config_options}
     return {o for n, m in METRICS.items() if n not in chosen for o in m.config_options} - used
 
+# %% ../nbs/07_train.ipynb #c014_2
 def config_key(cfg: TrainConfig) -> str:
     "10-hex-digit hash of everything that defines a run's results (all options but where files go, device, resume, logging)."
     cfg = resolve_config(cfg)
@@ -670,6 +716,7 @@ def config_key(cfg: TrainConfig) -> str:
          if k not in RUN_KEY_EXCLUDE and not (k in LATER_OPTIONS and (v == OPTIONS[k].default or k in _unused_metric_options(cfg)))}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
+# %% ../nbs/07_train.ipynb #c014_3
 def evaluation_metrics(cfg: TrainConfig) -> list:
     "The metric objects of the config's `metrics` option (mopoe.evaluate's registry), configured from the config; FID last."
     from mopoe.evaluate import METRICS
@@ -677,9 +724,11 @@ def evaluation_metrics(cfg: TrainConfig) -> list:
     names = [n for n in names if n != "fid"] + [n for n in names if n == "fid"]   # FID draws last: the others' numbers keep
     return [METRICS[n].from_config(cfg) for n in names]
 
+# %% ../nbs/07_train.ipynb #c014_4
 def _needs_classifiers(metrics) -> bool:
     return any(getattr(m, "needs_classifiers", m == "coherence") for m in metrics)
 
+# %% ../nbs/07_train.ipynb #c014_5
 def _evaluate_and_write(cfg, model, history, data, device, progress, written_by, t_start, results_file: str = "results.json",
                         evaluated_epoch: int | None = None) -> dict:
     from mopoe.evaluate import evaluate, train_classifiers
@@ -711,6 +760,7 @@ def _evaluate_and_write(cfg, model, history, data, device, progress, written_by,
     if progress: print(f"wrote {path}{' (' + label.split(':')[0] + ')' if label else ''}", flush=True)
     return {"classifiers": classifiers, "metrics": metrics, "results": results}
 
+# %% ../nbs/07_train.ipynb #c014_6
 def run(cfg: TrainConfig, callbacks=(), data=None, progress: bool = True, written_by: str = "notebook") -> dict:
     "Train and evaluate a config and write results.json: {'model', 'history', 'classifiers', 'metrics', 'results', 'info', ...}."
     t_start = time.time()
@@ -739,6 +789,7 @@ class SavedRun(NamedTuple):
     info: object
     state: dict
 
+# %% ../nbs/07_train.ipynb #c016_1
 def _final_checkpoint(out_dir, use_prev: bool):
     "The newest checkpoint's state, or (use_prev) the previous one's; a damaged newest one is an error unless use_prev."
     out = Path(out_dir)
@@ -755,6 +806,7 @@ def _final_checkpoint(out_dir, use_prev: bool):
         raise CheckpointError(f"{e}; the final model cannot be evaluated – use_prev=True (mopoe-eval --use_prev true) evaluates "
                               f"the previous checkpoint and writes results.prev_epoch<N>.json, leaving results.json as it is") from None
 
+# %% ../nbs/07_train.ipynb #c016_2
 def saved_config(state: dict, **overrides) -> TrainConfig:
     "The config of a checkpoint, under today's option names; CheckpointError if it does not state every BUILD_OPTION."
     saved = renamed_options({k: v for k, v in state["config"].items() if k in OPTIONS or k in RENAMED_OPTIONS}, warn=False)
@@ -763,6 +815,7 @@ def saved_config(state: dict, **overrides) -> TrainConfig:
                               "be rebuilt with certainty (today's defaults may differ from what it trained with), so it is refused")
     return resolve_config(saved, **overrides)
 
+# %% ../nbs/07_train.ipynb #c016_3
 def load_run(out_dir, device: str = "cpu", use_prev: bool = False, data_dir: str | None = None) -> SavedRun:
     "The trained model (eval mode, on `device`), config and dataset info of a run folder, without building its data."
     state, _ = _final_checkpoint(out_dir, use_prev)                # reading changes nothing
@@ -772,6 +825,7 @@ def load_run(out_dir, device: str = "cpu", use_prev: bool = False, data_dir: str
     model.load_state_dict(state["model"])
     return SavedRun(model.to(pick_device(device)).eval(), cfg, info, state)
 
+# %% ../nbs/07_train.ipynb #c016_4
 def evaluate_saved(out_dir, device: str = "auto", data=None, progress: bool = True, use_prev: bool = False, **overrides) -> dict:
     "Evaluate a saved run (evaluation options and data_dir may be overridden) and write its results file."
     t_start = time.time()
@@ -791,6 +845,7 @@ def run_name(cfg: TrainConfig) -> str:
     cfg = resolve_config(cfg)
     return f"{cfg.dataset}_{cfg.objective}_beta{cfg.beta:g}-{config_key(cfg)}"
 
+# %% ../nbs/07_train.ipynb #c018_1
 def sweep_config(runs_dir, **options) -> TrainConfig:
     "The resolved config of one sweep run, its out_dir inside runs_dir (validated before anything is created)."
     runs = Path(runs_dir).expanduser()
@@ -798,6 +853,7 @@ def sweep_config(runs_dir, **options) -> TrainConfig:
     cfg = resolve_config(**options)
     return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))
 
+# %% ../nbs/07_train.ipynb #c018_2
 def read_results(folder, cfg: TrainConfig | None = None) -> dict:
     "The results.json of a run folder; ValueError if `cfg` is given and the file was written by another config."
     f = Path(folder) / "results.json"
@@ -843,6 +899,7 @@ def _parser(prog, description, names):
         if new in names: p.add_argument(f"--{old}", type=parser_of(new), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
+# %% ../nbs/07_train.ipynb #c020_1
 def _cli(prog, body) -> int:
     "Run `body`; errors become one line on stderr: exit 2 for a refused option (as argparse), 1 otherwise, 130 on Ctrl-C."
     try:
@@ -859,6 +916,7 @@ def _cli(prog, body) -> int:
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
 
+# %% ../nbs/07_train.ipynb #c020_2
 def main(argv=None) -> int:
     "`mopoe-train`: every TrainConfig option is a flag; trains, evaluates, writes results.json; returns the exit status."
     p = _parser("mopoe-train", "Train and evaluate a multimodal VAE (MoPoE, MVAE, MMVAE or another registered objective); "
@@ -869,6 +927,7 @@ def main(argv=None) -> int:
 EVAL_OPTIONS = ("device", "data_dir", "classifier_epochs", "loglik_samples", "eval_max_test", "loglik_max_test", "metrics",
                 "fid_samples", "fid_weights")
 
+# %% ../nbs/07_train.ipynb #c020_3
 def main_eval(argv=None) -> int:
     "`mopoe-eval OUT_DIR`: evaluate a saved run and rewrite its results.json; returns the exit status."
     p = _parser("mopoe-eval", "Evaluate a saved run from its folder (its checkpoint and config) and rewrite its results.json. "
