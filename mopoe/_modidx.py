@@ -652,6 +652,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                              'mopoe.train.saved_config': ('train.html#saved_config', 'mopoe/train.py'),
                              'mopoe.train.seed_everything': ('train.html#seed_everything', 'mopoe/train.py'),
                              'mopoe.train.set_rng_state': ('train.html#set_rng_state', 'mopoe/train.py'),
+                             'mopoe.train.stand_in_label': ('train.html#stand_in_label', 'mopoe/train.py'),
                              'mopoe.train.steps_per_epoch': ('train.html#steps_per_epoch', 'mopoe/train.py'),
                              'mopoe.train.sweep_config': ('train.html#sweep_config', 'mopoe/train.py'),
                              'mopoe.train.test_loss': ('train.html#test_loss', 'mopoe/train.py'),

@@ -33,9 +33,11 @@ class DiskFullError(OSError):
     "The device ran out of space while a file was written; the target file is unchanged."
     def __init__(self, msg): super().__init__(msg); self.errno = errno.ENOSPC
 
+# %% ../nbs/05_io.ipynb #i005_1
 class CorruptFileError(RuntimeError):
     "A stored file is missing, unreadable, holds more than plain data, or fails its digest check."
 
+# %% ../nbs/05_io.ipynb #i005_2
 def fsync_dir(folder) -> None:
     "fsync a folder so that renames inside it are durable (best effort where folders cannot be opened)."
     try:
@@ -44,10 +46,12 @@ def fsync_dir(folder) -> None:
         finally: os.close(fd)
     except OSError: pass
 
+# %% ../nbs/05_io.ipynb #i005_3
 def _write(f, data: bytes) -> None:
     "Write bytes to an open file (the single seam the fault-injection tests patch)."
     f.write(data)
 
+# %% ../nbs/05_io.ipynb #i005_4
 def atomic_write(path, data: bytes | str) -> Path:
     "Write `data` to `path` through a fsynced temp file in the same folder and a rename: all of it or nothing."
     path = Path(path)
@@ -87,12 +91,14 @@ def _feed(h, obj, where: str):
         for i, v in enumerate(obj): _feed(h, v, f"{where}/{i}")
     else: raise TypeError(f"{where or 'value'}: {type(obj).__module__}.{type(obj).__name__} is not plain data")
 
+# %% ../nbs/05_io.ipynb #i008_1
 def content_digest(obj) -> str:
     "BLAKE2b-128 hex digest of plain data (tensors, numbers, strings, None, lists, tuples, dicts)."
     h = hashlib.blake2b(digest_size=16)
     _feed(h, obj, "")
     return h.hexdigest()
 
+# %% ../nbs/05_io.ipynb #i008_2
 def to_plain(obj):
     "NumPy arrays -> tensors and NumPy scalars -> Python numbers, recursively through lists, tuples and dicts."
     if isinstance(obj, np.ndarray): return torch.from_numpy(obj.copy())
@@ -169,6 +175,7 @@ def _read_holder(path, tries: int = 50) -> dict:
 _HELD: dict = {}                     # resolved folder -> [HeldLock, fd, depth]: the locks this process holds
 _HELD_GUARD = threading.Lock()
 
+# %% ../nbs/05_io.ipynb #i018_1
 def _locked_error(folder: Path, path: Path) -> RunLockedError:
     h = _read_holder(path)
     who = (f"PID {h['pid']}" + (f" on {h['host']}" if h.get("host") else "") + (f", started {h['started']}" if h.get("started") else "")
@@ -176,6 +183,7 @@ def _locked_error(folder: Path, path: Path) -> RunLockedError:
     return RunLockedError(f"{folder} is in use by another mopoe process: {who} holds {path}. Nothing was changed; wait "
                           f"for it to finish, or choose another folder.", h.get("pid"), folder)
 
+# %% ../nbs/05_io.ipynb #i018_2
 @contextmanager
 def run_lock(folder):
     "Hold an exclusive flock on `folder/.mopoe.lock` (created) for the block; RunLockedError naming the holder if another process has it."

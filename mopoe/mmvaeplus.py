@@ -46,6 +46,7 @@ def log_density(x: Tensor, mu: Tensor, scale: Tensor, family: str = "laplace") -
 # %% ../nbs/02b_mmvaeplus.ipynb #c009
 def _zero(t: Tensor) -> Tensor: return torch.zeros((), dtype=t.dtype, device=t.device)
 
+# %% ../nbs/02b_mmvaeplus.ipynb #c009_1
 @register_objective
 class MMVAEPlus(Objective):
     "MMVAE+: shared z, private w_m, auxiliary priors r_n(w_n) for cross-modal reconstruction; stratified ELBO/IWAE/DReG."
@@ -92,6 +93,7 @@ def _setup(self: MMVAEPlus, model) -> MMVAEPlus:
     self.bound_modalities = list(model.modalities)
     return self
 
+# %% ../nbs/02b_mmvaeplus.ipynb #c011_1
 def _check_bound(self: MMVAEPlus, model):
     if self.aux_raw is None:
         raise RuntimeError("MMVAE+ has no auxiliary priors yet: call objective.setup(model) before building the optimizer "
@@ -100,10 +102,12 @@ def _check_bound(self: MMVAEPlus, model):
         raise ValueError(f"this MMVAE+ objective was set up for modalities {self.bound_modalities} with private_dim "
                          f"{self.aux_raw.shape[1]}, the model has {list(model.modalities)} and {model.private_dim}")
 
+# %% ../nbs/02b_mmvaeplus.ipynb #c011_2
 def _aux_scale(self: MMVAEPlus) -> Tensor:
     "The auxiliary priors' scales (M, private_dim)."
     return latent_scale(self.aux_raw, self.family)
 
+# %% ../nbs/02b_mmvaeplus.ipynb #c011_3
 def _private_prior_sample(self: MMVAEPlus, model, modality: str, lead_shape, like: Tensor) -> Tensor:
     "w ~ r_n(w) for the target `modality`: (*lead_shape, private_dim) with `like`'s dtype and device."
     _check_bound(self, model)
@@ -120,6 +124,7 @@ def _noise(noise: dict, key: str, shape, family, like):
     if tuple(e.shape) != tuple(shape): raise ValueError(f"noise[{key!r}] must have shape {tuple(shape)}, got {tuple(e.shape)}")
     return e.to(dtype=like.dtype, device=like.device)
 
+# %% ../nbs/02b_mmvaeplus.ipynb #c015_1
 def _encode_observed(model, x: dict, observed, D: int, Dp: int):
     "Placeholders for missing entries, every present modality encoded: data {m: x}, obs (B, M), mu and raw (M, B, D+Dp)."
     names = list(model.modalities)

@@ -8,12 +8,12 @@ __all__ = ['SOURCES', 'ENCODER_INITS', 'COMPILE_MODES', 'PRESETS', 'FID_SAMPLES'
            'RUN_KEY_EXCLUDE', 'LATER_OPTIONS', 'EVAL_OPTIONS', 'cpu_preset', 'paper_preset', 'objective_choices',
            'parse_objective_options', 'metric_choices', 'logger_choices', 'option', 'TrainConfig', 'ConfigError',
            'coerce_option', 'option_choices', 'renamed_options', 'resolve_config', 'build_data', 'incomplete_train_set',
-           'build_model', 'pick_device', 'info_dict', 'info_from_dict', 'data_label', 'CheckpointError',
-           'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state', 'set_rng_state', 'seed_everything',
-           'batches', 'steps_per_epoch', 'test_loss', 'folder_lock', 'check_out_dir', 'Checkpointer', 'StopAfter',
-           'default_callbacks', 'train', 'config_key', 'evaluation_metrics', 'run', 'SavedRun', 'saved_config',
-           'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results', 'run_summary', 'main', 'main_eval',
-           'notebook_config']
+           'build_model', 'pick_device', 'info_dict', 'info_from_dict', 'stand_in_label', 'data_label',
+           'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state', 'set_rng_state',
+           'seed_everything', 'batches', 'steps_per_epoch', 'test_loss', 'folder_lock', 'check_out_dir', 'Checkpointer',
+           'StopAfter', 'default_callbacks', 'train', 'config_key', 'evaluation_metrics', 'run', 'SavedRun',
+           'saved_config', 'load_run', 'evaluate_saved', 'run_name', 'sweep_config', 'read_results', 'run_summary',
+           'main', 'main_eval', 'notebook_config']
 
 # %% ../nbs/07_train.ipynb #c002
 import argparse
@@ -374,7 +374,7 @@ def info_from_dict(d: dict):
     except (ImportError, TypeError): return SimpleNamespace(**d)
 
 # %% ../nbs/07_train.ipynb #c008_6
-def data_label(cfg: TrainConfig, info=None) -> str:
+def stand_in_label(cfg: TrainConfig, info=None) -> str:
     "'' for the paper's real files; else a one-line label saying the run is on stand-in data (a smoke run beside the paper)."
     synthetic = [m for m, s in (getattr(info, "synthetic", None) or {}).items() if s]
     source = getattr(info, "source", None) or cfg.source
@@ -383,6 +383,11 @@ def data_label(cfg: TrainConfig, info=None) -> str:
             "generated with Appendix D's recipe, not the released files" if source == "generated" else "offline substitutes for the real files")
     return (f"STAND-IN DATA: {cfg.dataset} from source {source!r} ({what}) – a smoke run, "
             f"not comparable with the paper's numbers{' even with preset paper' if cfg.preset == 'paper' else ''}")
+
+def data_label(cfg: TrainConfig, info=None) -> str:
+    "Deprecated name of `stand_in_label` (`DatasetInfo.data_label` is the data's provenance, a different line)."
+    warnings.warn("mopoe.train.data_label is now stand_in_label", DeprecationWarning, stacklevel=2)
+    return stand_in_label(cfg, info)
 
 # %% ../nbs/07_train.ipynb #c010
 CHECKPOINT, PREV_CHECKPOINT = "checkpoint.pt", "checkpoint.prev.pt"
@@ -744,7 +749,7 @@ def _evaluate_and_write(cfg, model, history, data, device, progress, written_by,
         if progress: print(classifiers, flush=True)
     metrics = evaluate(model, train_ds, test_ds, info, classifiers, metrics=metric_list, max_test=cfg.eval_max_test, device=device,
                        seed=cfg.seed, progress=bars)
-    label = data_label(cfg, info)
+    label = stand_in_label(cfg, info)
     results = {"config": asdict(cfg), "config_key": config_key(cfg),
                "data": {"name": info.name, "source": getattr(info, "source", cfg.source), "stand_in": bool(label),
                         "synthetic": [m for m, s in (getattr(info, "synthetic", None) or {}).items() if s],
@@ -770,7 +775,7 @@ def run(cfg: TrainConfig, callbacks=(), data=None, progress: bool = True, writte
         world, rank, _ = _dist_info()
         _setup_device(cfg)
         if data is None: data = _build_data_ranked(cfg)
-        label = data_label(cfg, data[2])
+        label = stand_in_label(cfg, data[2])
         if label and rank == 0 and progress: print(label, flush=True)
         trained = train(cfg, callbacks=callbacks, progress=progress, data=data)
         out = {**trained, "data": data, "classifiers": None, "metrics": None, "results": None}

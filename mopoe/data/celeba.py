@@ -39,6 +39,7 @@ def celeba_text(attrs, length: int = 256, rng: np.random.Generator | None = None
 _CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
 CELEBA_FILES = ("img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt")
 
+# %% ../../nbs/05f_celeba.ipynb #c008_1
 def read_celeba_attributes(folder) -> tuple:
     "(file names, 0/1 attributes (N, 40) uint8, partitions (N,)) from CelebA's two text files, checked."
     folder = Path(folder); af, pf = folder / "list_attr_celeba.txt", folder / "list_eval_partition.txt"
@@ -64,6 +65,7 @@ def read_celeba_attributes(folder) -> tuple:
     attrs = np.array([[v == "1" for v in r[1:]] for r in rows], np.uint8).reshape(-1, 40)
     return names, attrs, np.array([part[n] for n in names], np.int64)
 
+# %% ../../nbs/05f_celeba.ipynb #c008_2
 def read_celeba_folder(folder, split: str = "train", limit: int | None = None, size: int = 64, crop: int = 148):
     "CelebA images (N,3,size,size) uint8 (centre crop `crop`, resize) and attributes (N,40) uint8 from a folder."
     from PIL import Image
@@ -84,6 +86,7 @@ CELEBA_SOURCES = ("offline", "real")
 CELEBA_HOW = ("get img_align_celeba.zip (unzip it there), list_attr_celeba.txt and list_eval_partition.txt from "
               "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive: Img/, Anno/, Eval/)")
 
+# %% ../../nbs/05f_celeba.ipynb #c011_1
 def celeba_files(root="data", folder=None, download: bool = True, then: str | None = None) -> Path:
     "The folder with CelebA's files (`folder` or `root/celeba`), fetched by torchvision first if missing and `download`."
     folder = Path(folder) if folder is not None else Path(root) / "celeba"
@@ -97,6 +100,7 @@ def celeba_files(root="data", folder=None, download: bool = True, then: str | No
     if missing(): raise missing_data("CelebA", missing(), folder, CELEBA_HOW, then)
     return folder
 
+# %% ../../nbs/05f_celeba.ipynb #c011_2
 def celeba(root="data", num_train: int | None = None, num_test: int | None = None, seed: int = 0,
            source: str = "offline", folder=None, download: bool = True, text_length: int = 256,
            random_offset: bool = True, cache: bool = True, verbose: bool = False):

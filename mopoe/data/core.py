@@ -166,35 +166,42 @@ class MultimodalDataset(Dataset):
 # %% ../../nbs/05a_data_core.ipynb #c014
 CACHE_FORMAT = 1
 
+# %% ../../nbs/05a_data_core.ipynb #c014_1
 def _flat_tensors(obj, prefix=""):
     "Yield (path, tensor) for every tensor in nested dicts."
     if isinstance(obj, torch.Tensor): yield prefix, obj
     elif isinstance(obj, dict):
         for k in sorted(obj): yield from _flat_tensors(obj[k], f"{prefix}/{k}")
 
+# %% ../../nbs/05a_data_core.ipynb #c014_2
 def _digest(t: torch.Tensor) -> str:
     "BLAKE2 digest of a tensor's bytes."
     return hashlib.blake2b(memoryview(t.contiguous().view(torch.uint8).numpy()), digest_size=16).hexdigest()
 
+# %% ../../nbs/05a_data_core.ipynb #c014_3
 def _tensor_record(obj) -> dict:
     return {p: [list(t.shape), str(t.dtype), _digest(t)] for p, t in _flat_tensors(obj)}
 
+# %% ../../nbs/05a_data_core.ipynb #c014_4
 def cache_path(root, name: str, key: dict) -> Path:
     "Cache file for dataset `name` built with options `key`."
     s = json.dumps({"format": CACHE_FORMAT, **key}, sort_keys=True, default=str)
     return Path(root) / name / f"{name}-{hashlib.sha1(s.encode()).hexdigest()[:12]}.pt"
 
+# %% ../../nbs/05a_data_core.ipynb #c014_5
 def atomic_save(obj, path) -> None:
     "torch.save `obj` to `path` all-or-nothing: `mopoe.io.atomic_write` (fsynced temp file, rename; disk full -> DiskFullError)."
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
 
+# %% ../../nbs/05a_data_core.ipynb #c014_6
 def save_cache(path, key: dict, splits: dict) -> None:
     "Write `splits` (split -> payload dict of tensors) with key, format and checksums."
     atomic_save({"format": CACHE_FORMAT, "key": json.dumps(key, sort_keys=True, default=str),
                  "record": _tensor_record(splits), "splits": splits}, path)
 
+# %% ../../nbs/05a_data_core.ipynb #c014_7
 def load_cache(path, key: dict):
     "Validated payload dict from `path`, or None (with a warning) if it is missing, stale or corrupted."
     path = Path(path)
@@ -209,6 +216,7 @@ def load_cache(path, key: dict):
         warnings.warn(f"cache file {path} is unreadable or corrupted ({type(e).__name__}: {e}); rebuilding it")
         return None
 
+# %% ../../nbs/05a_data_core.ipynb #c014_8
 def build_cached(name, root, key, cache, build, verbose):
     "Load splits from the cache or build (and cache) them; returns (splits, seconds, from_cache, path)."
     t0 = time.perf_counter(); path = cache_path(root, name, key)
@@ -285,23 +293,28 @@ def register_dataset(name: str, builder, sources, networks=None, cpu_preset: dic
     REGISTRY[name], DATASETS[name], SOURCES[name] = entry, builder, sources
     return entry
 
+# %% ../../nbs/05a_data_core.ipynb #c036_1
 def unregister_dataset(name: str) -> None:
     "Remove dataset `name` from the registry (tests, notebooks that register a toy)."
     for d in (REGISTRY, DATASETS, SOURCES): d.pop(name, None)
 
+# %% ../../nbs/05a_data_core.ipynb #c036_2
 def dataset_names() -> tuple:
     "The registered datasets, in registration order."
     return tuple(REGISTRY)
 
+# %% ../../nbs/05a_data_core.ipynb #c036_3
 def dataset_entry(name: str) -> DatasetEntry:
     "The `DatasetEntry` of `name` (ValueError listing the choices if unknown)."
     if name not in REGISTRY: raise ValueError(f"unknown dataset {name!r}; choices: {list(REGISTRY)}")
     return REGISTRY[name]
 
+# %% ../../nbs/05a_data_core.ipynb #c036_4
 def check_source(name: str, source: str) -> None:
     "ValueError listing the choices if dataset `name` has no source `source`."
     if source not in SOURCES[name]: raise ValueError(f"unknown source {source!r} for {name}; choices: {list(SOURCES[name])}")
 
+# %% ../../nbs/05a_data_core.ipynb #c036_5
 def get_datasets(name: str, root="data", **options):
     "(train, test, info) for dataset `name` (see `dataset_names()`); see each builder's options."
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; choices: {list(DATASETS)}")
@@ -358,6 +371,7 @@ def _batch_at(ds, idx: Tensor):
         return base[idx.to(getattr(base, "device", None) or idx.device)]
     return default_collate([ds[j] for j in idx.tolist()])
 
+# %% ../../nbs/05a_data_core.ipynb #c034_1
 def _proven_by_storage(ds, liks: dict) -> set:
     "Modalities whose every value is valid because of how the underlying MultimodalDataset stores them (uint8)."
     while isinstance(ds, Subset) or hasattr(ds, "base"): ds = ds.dataset if isinstance(ds, Subset) else ds.base
@@ -373,6 +387,7 @@ def _proven_by_storage(ds, liks: dict) -> set:
             if t.numel() == 0 or int(t.max()) < len(ds.alphabet): out.add(m)                # one-hot of a valid index
     return out
 
+# %% ../../nbs/05a_data_core.ipynb #c034_2
 def validate_dataset(ds, info, likelihoods: dict | None = None, batch_size: int = 4096) -> None:
     "Check every value of `ds` once as the model checks each batch; ValueError naming the modality and the first bad tuple."
     from mopoe.likelihoods import get_likelihood

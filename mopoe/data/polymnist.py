@@ -25,6 +25,7 @@ DEFAULT_BACKGROUNDS = ("chelsea", "coffee", "astronaut", "rocket", "immunohistoc
                        "gravel", "logo")
 _CENTRE_CROP = {"retina": 0.55, "hubble_deep_field": 0.6}
 
+# %% ../../nbs/05d_polymnist.ipynb #c005_1
 def _builtin_image(name: str) -> np.ndarray:
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
@@ -33,6 +34,7 @@ def _builtin_image(name: str) -> np.ndarray:
     if not hasattr(skimage.data, name): raise ValueError(f"unknown background {name!r}; built-in choices: {DEFAULT_BACKGROUNDS}")
     return getattr(skimage.data, name)()
 
+# %% ../../nbs/05d_polymnist.ipynb #c005_2
 def load_background(spec, size: int | None = 192) -> np.ndarray:
     "RGB uint8 (H, W, 3) background from a built-in name or an image path, shorter side <= `size`."
     from PIL import Image
@@ -54,6 +56,7 @@ def load_background(spec, size: int | None = 192) -> np.ndarray:
     if min(a.shape[:2]) < 28: raise ValueError(f"background {spec} is smaller than 28x28")
     return a
 
+# %% ../../nbs/05d_polymnist.ipynb #c005_3
 def _background_key(spec) -> str:
     "Cache-key entry: the name of a built-in image, or a path plus the SHA1 of its bytes."
     if isinstance(spec, (str, Path)) and Path(spec).is_file():
@@ -70,6 +73,7 @@ def _distinct_draws(rng, k: int, n: int, M: int) -> np.ndarray:
         if not bad.any(): return d
         d[bad] = rng.integers(n, size=(int(bad.sum()), M))
 
+# %% ../../nbs/05d_polymnist.ipynb #c008_1
 def make_polymnist(digits: np.ndarray, labels: np.ndarray, backgrounds: list, num_tuples: int,
                    rng: np.random.Generator) -> dict:
     "PolyMNIST tuples per Appendix D: {'images': (N,M,3,28,28) uint8, 'labels', 'mnist_index' (N,M), 'crop' (N,M,2)}."
@@ -95,6 +99,7 @@ def make_polymnist(digits: np.ndarray, labels: np.ndarray, backgrounds: list, nu
 _PNG_NAME = re.compile(r"^(\d+)\.(\d+)\.png$")
 LAYOUT = "<root>/PolyMNIST/train|test/m0..m4/<index>.<label>.png"
 
+# %% ../../nbs/05d_polymnist.ipynb #c011_1
 def _list_modality(folder: Path) -> dict:
     "index -> (label, file name) for one modality folder."
     out = {}
@@ -107,6 +112,7 @@ def _list_modality(folder: Path) -> dict:
     if not out: raise DataFormatError(f"no <index>.<label>.png files in {folder} (expected the layout {LAYOUT})")
     return out
 
+# %% ../../nbs/05d_polymnist.ipynb #c011_2
 def load_polymnist_folder(root, split: str = "train", num_modalities: int | None = None,
                           limit: int | None = None) -> dict:
     "Released PolyMNIST `root/split/m*/<index>.<label>.png` -> {'images': (N,M,3,28,28) uint8, 'labels', 'index'}."
@@ -144,6 +150,7 @@ def load_polymnist_folder(root, split: str = "train", num_modalities: int | None
 POLYMNIST_URL = "https://zenodo.org/record/4899160/files/PolyMNIST.zip"
 POLYMNIST_RECORD = "4899160"
 
+# %% ../../nbs/05d_polymnist.ipynb #c015_1
 def _polymnist_tree(folder: Path) -> Path:
     "The folder below an unpacked archive that holds train/m0 and test/m0 (DataFormatError if none does)."
     cands = [folder / d for d in ("PolyMNIST", "MMNIST", "")] + [p for p in folder.iterdir() if p.is_dir()]
@@ -153,6 +160,7 @@ def _polymnist_tree(folder: Path) -> Path:
     raise DataFormatError(f"the archive does not hold the released PolyMNIST layout (PolyMNIST/train|test/m0..m4/<index>.<label>.png); "
                           f"its top level: {top}")
 
+# %% ../../nbs/05d_polymnist.ipynb #c015_2
 def released_polymnist(root="data", download: bool = True, then: str | None = None) -> Path:
     "The released PolyMNIST folder under `root`: found, unpacked from `root/PolyMNIST.zip`, or downloaded (verified) first."
     root = Path(root)
@@ -178,6 +186,7 @@ def released_polymnist(root="data", download: bool = True, then: str | None = No
 # %% ../../nbs/05d_polymnist.ipynb #c017
 POLYMNIST_SOURCES = ("offline", "real", "generated")
 
+# %% ../../nbs/05d_polymnist.ipynb #c017_1
 def polymnist(root="data", num_modalities: int = 5, num_train: int | None = None, num_test: int | None = None,
               seed: int = 0, source: str = "offline", backgrounds: list | None = None, bg_size: int = 192,
               folder=None, download: bool = True, cache: bool = True, verbose: bool = False):

@@ -14,6 +14,7 @@ _FONT_SPECS = [("DejaVu Sans", w, s) for w in ("normal", "bold") for s in ("norm
               [("DejaVu Serif", w, s) for w in ("normal", "bold") for s in ("normal", "italic")] + \
               [("DejaVu Sans Mono", "bold", "normal"), ("DejaVu Sans Mono", "normal", "normal")]
 
+# %% ../../nbs/05c_standins.ipynb #c005_1
 def _font_files() -> list:
     "Paths of the installed DejaVu font files (via matplotlib)."
     from matplotlib import font_manager as fm
@@ -25,6 +26,7 @@ def _font_files() -> list:
     if not files: files = [fm.findfont(fm.FontProperties())]
     return files
 
+# %% ../../nbs/05c_standins.ipynb #c005_2
 def render_svhn_like(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     "Synthetic house-number-like RGB digits (N, 3, size, size) uint8, centre digit = label."
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -69,6 +71,7 @@ DRAWN_ATTRIBUTES = ("Male", "Young", "Pale_Skin", "Chubby", "Black_Hair", "Blond
                     "Big_Nose", "Smiling", "Mouth_Slightly_Open", "Wearing_Lipstick", "Rosy_Cheeks", "No_Beard",
                     "Goatee", "Mustache", "Wearing_Earrings", "Wearing_Necklace", "Wearing_Necktie")
 
+# %% ../../nbs/05c_standins.ipynb #c008_1
 def _sample_face_attributes(rng) -> dict:
     "One face's attributes (CelebA names -> bool) with CelebA-like rates and correlations."
     r = rng.random
@@ -107,6 +110,7 @@ _HAIR_RGB = {"Black_Hair": (25, 20, 20), "Blond_Hair": (225, 195, 110), "Brown_H
              "Gray_Hair": (170, 170, 175), "other": (150, 50, 25), "none": (60, 45, 35)}
 _SKIN_RGB = [(241, 194, 160), (224, 172, 135), (198, 140, 100), (160, 105, 70), (110, 72, 50), (232, 185, 150)]
 
+# %% ../../nbs/05c_standins.ipynb #c008_2
 def _draw_face(a: dict, rng):
     "Draw one face with attributes `a` -> PIL image 128x128."
     from PIL import Image, ImageDraw
@@ -189,6 +193,7 @@ def _draw_face(a: dict, rng):
         d.ellipse([cx - fw - 14, cy - fh + 6, cx + fw + 14, cy - fh + 18], fill=shade(hc, 0.8))
     return im
 
+# %% ../../nbs/05c_standins.ipynb #c008_3
 def draw_faces(num: int, rng: np.random.Generator, size: int = 64, columns=DRAWN_ATTRIBUTES):
     "Synthetic faces: uint8 images (num, 3, size, size) and 0/1 attributes (num, len(columns)) named by `columns`."
     from PIL import Image
