@@ -534,7 +534,7 @@ def _chunks(x: dict, ex, k: int, rows: int):
 class LogLikelihood(Metric):
     "Importance-sampled log p(X) with `loglik_samples` samples, the proposal of every subset and the training mixture, on `loglik_max_test` tuples."
     name, config_options = "loglik", ("loglik_samples", "loglik_max_test")
-    def __init__(self, loglik_samples: int = 15, loglik_max_test: int | None = None, loglik_decode_batch: int = 256):
+    def __init__(self, loglik_samples: int = 15, loglik_max_test: int | None = None, loglik_decode_batch: int | None = None):
         if int(loglik_samples) < 1: raise ValueError(f"loglik_samples must be at least 1, got {loglik_samples}")
         if loglik_max_test is not None and int(loglik_max_test) < 1: raise ValueError(f"max_test_loglik must be at least 1, got {loglik_max_test}")
         self.loglik_samples, self.loglik_max_test, self.loglik_decode_batch = int(loglik_samples), loglik_max_test, loglik_decode_batch
@@ -543,21 +543,25 @@ class LogLikelihood(Metric):
     def begin(self, ctx):
         N = len(ctx.test_ds)
         self.n_ll = N if self.loglik_max_test is None else min(int(self.loglik_max_test), N)
-        self.seen, self.mix, self.sub = 0, 0.0, torch.zeros(len(ctx.names), dtype=torch.float64)
+        dev = torch.device(ctx.device)
+        self.seen = 0                                                   # sums stay on the device, read once in `end`
+        self.mix, self.sub = torch.zeros((), dtype=torch.float64, device=dev), torch.zeros(len(ctx.names), dtype=torch.float64, device=dev)
+        self.rows = self.loglik_decode_batch or (256 if dev.type == "cpu" else 16384)   # decoded rows a call: large on a GPU
 
     def batch(self, ctx, x, y, experts):
         B, K, model = len(y), self.loglik_samples, ctx.model
         if self.seen < self.n_ll:
-            for xs, exs in _chunks(x, experts, min(B, self.n_ll - self.seen), max(1, self.loglik_decode_batch // K)):
-                self.mix += model.log_likelihood(xs, num_samples=K, experts=exs, proposal="training_mixture").double().sum().item()
+            for xs, exs in _chunks(x, experts, min(B, self.n_ll - self.seen), max(1, self.rows // K)):
+                self.mix += model.log_likelihood(xs, num_samples=K, experts=exs, proposal="training_mixture").double().sum()
                 for s, sub in enumerate(ctx.names):
-                    self.sub[s] += model.log_likelihood(xs, given=ctx.givens[sub], num_samples=K, experts=exs).double().sum().item()
+                    self.sub[s] += model.log_likelihood(xs, given=ctx.givens[sub], num_samples=K, experts=exs).double().sum()
         self.seen += B
 
     def end(self, ctx):
-        per = {n: float(self.sub[s] / self.n_ll) for s, n in enumerate(ctx.names)}
+        sub, mix = self.sub.cpu().tolist(), float(self.mix.cpu())
+        per = {n: sub[s] / self.n_ll for s, n in enumerate(ctx.names)}
         ctx.n["loglik"] = self.n_ll
-        return {"X": per[ctx.names[-1]], "X_with_proposal_from": per, "X_training_mixture": float(self.mix / self.n_ll),
+        return {"X": per[ctx.names[-1]], "X_with_proposal_from": per, "X_training_mixture": mix / self.n_ll,
                 "by_size": {str(k): _mean(v for n, v in per.items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}}
 
 # %% ../nbs/08_evaluate.ipynb #c088
