@@ -25,7 +25,7 @@ class _NoNetwork(socket.socket):
     def __init__(self, *args, **kwargs): raise AssertionError("FID code opened a socket")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def no_network_session():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket, "socket", _NoNetwork)
@@ -39,18 +39,18 @@ def no_network(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("a weights download was attempted"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fid_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("fid")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def inception(fid_cache, no_network_session):
     torch.set_num_threads(1)
     return FIDInception(cache_dir=fid_cache)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def image_sets():
     "A fixed pair of 8-image sets: grey blobs and noisier, brighter ones."
     g = torch.Generator().manual_seed(0)
@@ -59,7 +59,7 @@ def image_sets():
     return a, b
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def features(inception, image_sets):
     return tuple(inception(x).double() for x in image_sets)
 
