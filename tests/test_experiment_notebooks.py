@@ -27,6 +27,7 @@ def _images(nb) -> int:
 def test_reproduce_regenerates_the_committed_claims(tmp_path, dataset, params):
     root = _copy_repo_results(tmp_path)
     (root / "results" / f"claims_{dataset}.csv").unlink()
+    (root / "results" / f"claims_successors_{dataset}.csv").unlink(missing_ok=True)
     out = tmp_path / "out.ipynb"
     pm.execute_notebook(str(ROOT / "nbs" / "reproduce.ipynb"), str(out), progress_bar=False, kernel_name="python3",
                         parameters=dict(dataset=dataset, root=str(root), **params), cwd=str(tmp_path))
@@ -35,6 +36,9 @@ def test_reproduce_regenerates_the_committed_claims(tmp_path, dataset, params):
     made = pd.read_csv(root / "results" / f"claims_{dataset}.csv")
     committed = pd.read_csv(ROOT / "results" / f"claims_{dataset}.csv")
     pd.testing.assert_frame_equal(made, committed)                             # the README's claims come from the runs
+    succ = ROOT / "results" / f"claims_successors_{dataset}.csv"               # the successors' comparison, where it ran
+    if succ.exists():
+        pd.testing.assert_frame_equal(pd.read_csv(root / "results" / succ.name), pd.read_csv(succ))
 
 
 def test_incomplete_notebook_collects_the_committed_runs(tmp_path):
