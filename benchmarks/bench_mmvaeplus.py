@@ -29,7 +29,7 @@ import platform
 import statistics
 import sys
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
 
@@ -42,11 +42,11 @@ VARIANTS = ("mopoe", "mmvae", "mmvaeplus", "mmvaeplus_k4")
 
 
 def polymnist_info(M: int):
-    "A stand-in DatasetInfo with M PolyMNIST-shaped modalities m0..m{M-1}."
-    names = [f"m{i}" for i in range(M)]
-    return SimpleNamespace(name="polymnist", modalities=names, shapes={m: (3, 28, 28) for m in names},
-                           likelihoods={m: "laplace" for m in names}, data_dims={m: 3 * 28 * 28 for m in names},
-                           num_classes=10, alphabet=None)
+    "A stand-in DatasetInfo with M PolyMNIST-shaped modalities m0..m{M-1} (bench_objective's, beside this file)."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_objective", Path(__file__).with_name("bench_objective.py"))
+    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    return bench.polymnist_info(M)
 
 
 def build(variant: str, info, latent: int = 32, private: int = 32, seed: int = 0, scale: float = 0.75):

@@ -76,6 +76,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/mopoe', 'doc_host': '', 'g
                                   'mopoe.data.files._present': ('data_files.html#_present', 'mopoe/data/files.py'),
                                   'mopoe.data.files.continue_command': ('data_files.html#continue_command', 'mopoe/data/files.py'),
                                   'mopoe.data.files.download_file': ('data_files.html#download_file', 'mopoe/data/files.py'),
+                                  'mopoe.data.files.file_digest': ('data_files.html#file_digest', 'mopoe/data/files.py'),
                                   'mopoe.data.files.load_mnist': ('data_files.html#load_mnist', 'mopoe/data/files.py'),
                                   'mopoe.data.files.load_svhn': ('data_files.html#load_svhn', 'mopoe/data/files.py'),
                                   'mopoe.data.files.md5_file': ('data_files.html#md5_file', 'mopoe/data/files.py'),

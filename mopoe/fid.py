@@ -61,10 +61,8 @@ def package_weights_path(dist: str = FID_PACKAGE, module: str = FID_PACKAGE_MODU
 # %% ../nbs/10_fid.ipynb #f009
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     "SHA-256 hex digest of a file, read in chunks."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk): h.update(block)
-    return h.hexdigest()
+    from mopoe.data.files import file_digest
+    return file_digest(path, "sha256", chunk)
 
 # %% ../nbs/10_fid.ipynb #f010
 def identify_weights(path) -> tuple:

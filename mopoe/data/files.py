@@ -13,8 +13,8 @@ from ..io import DiskFullError
 
 # %% auto #0
 __all__ = ['MNIST_FILES', 'SVHN_FILES', 'MissingDataError', 'DataFormatError', 'ChecksumError', 'continue_command',
-           'missing_data', 'md5_file', 'download_file', 'read_url', 'zenodo_file', 'unpack_zip', 'read_idx',
-           'load_mnist', 'read_svhn_mat', 'load_svhn']
+           'missing_data', 'file_digest', 'md5_file', 'download_file', 'read_url', 'zenodo_file', 'unpack_zip',
+           'read_idx', 'load_mnist', 'read_svhn_mat', 'load_svhn']
 
 # %% ../../nbs/05b_data_files.ipynb #c006
 class MissingDataError(FileNotFoundError):
@@ -42,12 +42,16 @@ def missing_data(what: str, files, where, how: str, then: str | None = None, rea
 # %% ../../nbs/05b_data_files.ipynb #c009
 _open_url = urllib.request.urlopen      # the one call that reaches the network (tests replace it)
 
-def md5_file(path, chunk: int = 1 << 20) -> str:
-    "Hex MD5 of a file's bytes."
-    h = hashlib.md5()
+def file_digest(path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
+    "Hex digest of a file's bytes with a `hashlib` algorithm (md5, sha256, ...), read in chunks."
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
+
+def md5_file(path, chunk: int = 1 << 20) -> str:
+    "Hex MD5 of a file's bytes."
+    return file_digest(path, "md5", chunk)
 
 def download_file(url: str, dest, size: int | None = None, md5: str | None = None, chunk: int = 1 << 20) -> Path:
     "Fetch `url` into `dest` via a temp file beside it, checking announced length, `size` and `md5` before the rename."
