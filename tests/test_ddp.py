@@ -26,13 +26,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_stays_in_sync(tmp_path):
+def _run_two_ranks(target, tmp_path):
+    "Run `target(rank, 2, port, out_dir)` in two spawned processes; both must exit 0."
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for p in procs: p.start()
     for p in procs: p.join(timeout=240)
     assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_two_process_gloo_stays_in_sync(tmp_path):
+    _run_two_ranks(_worker, tmp_path)
     s0, s1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for k in s0: assert torch.equal(s0[k], s1[k]), f"{k} differs between ranks"
     # the ranks trained (parameters moved away from a fresh model with the same seed) and rank 0 alone logged
@@ -75,12 +80,7 @@ def _step_worker(rank, world, port, out_dir):
 
 def test_one_ddp_step_equals_one_step_on_the_union_of_the_batches(tmp_path):
     "Issue 22.6: two gloo processes with 8 rows each take the same Adam step as one process on all 16 rows."
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_step_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs: p.start()
-    for p in procs: p.join(timeout=240)
-    assert [p.exitcode for p in procs] == [0, 0]
+    _run_two_ranks(_step_worker, tmp_path)
     saved = torch.distributions.normal._standard_normal
     try:
         _zero_noise()
