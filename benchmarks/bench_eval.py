@@ -18,7 +18,13 @@ With `--mode primitives` (or automatically when `mopoe.evaluate` is missing or i
 model-level primitives instead: `model.subset_means`, `model.cond_generate(..., experts=...)` + classifiers,
 `model.log_likelihood(..., experts=...)`.
 
-Usage: python benchmarks/bench_eval.py [--modalities 5] [--num-test 512] [--json out.json] [--quick]
+With `--loglik-ab` it measures the log-likelihood of every proposal (2^M - 1 subsets and the training mixture) two
+ways side by side, interleaved: one `model.log_likelihoods` call per proposal, chunked as the metric did before it was
+batched (about `--decode-rows` decoded latents a call), and all proposals in one call (the metric today, the same
+number of latents a call, so P times fewer rows of the batch per chunk). It prints seconds, decoder calls and
+examples/s of both and their ratio.
+
+Usage: python benchmarks/bench_eval.py [--modalities 5] [--num-test 512] [--json out.json] [--quick] [--loglik-ab]
 """
 from __future__ import annotations
 
@@ -93,6 +99,68 @@ def time_primitives(model, train, test, info, clfs, args) -> dict:
             for k, v in T.items() if k != "encode"}
 
 
+def loglik_ab(args) -> dict:
+    "Per-proposal calls vs one batched call of `model.log_likelihoods`, interleaved, for each M: seconds, decoder calls."
+    import torch
+    torch.set_num_threads(args.threads)
+    out = {"machine": machine_info(args.threads), "settings": {"num_test": args.num_test, "num_samples": args.num_samples,
+           "decode_rows": args.decode_rows, "latent": args.latent, "repeats": args.repeats, "threads": args.threads}, "results": []}
+    for M in args.modalities:
+        model = build("mopoe", M, args.latent).eval()
+        model.check_inputs = False
+        x = SyntheticPolyMNIST(args.num_test, M, 1).x
+        givens, K, calls = model.all_subsets(), args.num_samples, [0]
+        for d in model.decoders.values(): d.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+
+        with torch.no_grad(): ex_all = model.experts(x)                            # one encoder pass, sliced (as the metric)
+
+        def chunks(rows):
+            from mopoe.evaluate import _chunks
+            return _chunks(x, ex_all, len(x["m0"]), rows)
+
+        def per_proposal():
+            for xs, ex in chunks(max(1, args.decode_rows // K)):
+                for g in givens: model.log_likelihoods(xs, [g], K, experts=ex)
+                model.log_likelihoods(xs, [], K, experts=ex, training_mixture=True)
+
+        def batched():
+            for xs, ex in chunks(max(1, args.decode_rows // (K * (len(givens) + 1)))):
+                model.log_likelihoods(xs, givens, K, experts=ex, training_mixture=True, decode_rows=args.decode_rows)
+
+        arms = {"per proposal": per_proposal, "batched": batched}
+        secs, ncalls = {a: [] for a in arms}, {}
+        with torch.no_grad():
+            batched(); per_proposal()                                              # warm-up: caches, allocator
+            for _ in range(args.repeats):
+                for name, f in arms.items():
+                    calls[0] = 0
+                    t = time.perf_counter(); f(); secs[name].append(time.perf_counter() - t)
+                    ncalls[name] = calls[0]
+        r = {"M": M, "proposals": len(givens) + 1}
+        for name in arms:
+            med = sorted(secs[name])[len(secs[name]) // 2]
+            r[name] = {"seconds_median": med, "seconds": secs[name], "decoder_calls": ncalls[name],
+                       "examples_per_s": args.num_test / med}
+        r["speedup"] = r["per proposal"]["seconds_median"] / r["batched"]["seconds_median"]
+        out["results"].append(r)
+        print(f"M={M}: per proposal {r['per proposal']['seconds_median']:.2f} s ({ncalls['per proposal']} decoder calls), "
+              f"batched {r['batched']['seconds_median']:.2f} s ({ncalls['batched']} calls): {r['speedup']:.2f}x", flush=True)
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    return out
+
+
+def format_ab_table(res: dict) -> str:
+    st = res["settings"]
+    rows = [f"| M | proposals | per proposal: s, decoder calls | batched: s, decoder calls | speed-up |",
+            "|---|---|---|---|---|"]
+    for r in res["results"]:
+        a, b = r["per proposal"], r["batched"]
+        rows.append(f"| {r['M']} | {r['proposals']} | {a['seconds_median']:.2f}, {a['decoder_calls']} | "
+                    f"{b['seconds_median']:.2f}, {b['decoder_calls']} | {r['speedup']:.2f}x |")
+    return "\n".join(rows) + (f"\n\n{st['num_test']} test tuples, {st['num_samples']} samples, ~{st['decode_rows']} latents a decoder "
+                              f"call, latent {st['latent']}, median of {st['repeats']}, {st['threads']} thread(s)")
+
+
 def run(args) -> dict:
     import torch
     torch.set_num_threads(args.threads)
@@ -146,6 +214,9 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("auto", "evaluate", "primitives"), default="auto")
     p.add_argument("--quick", action="store_true", help="CI smoke run: M=2, batch 8, latent 16, 16 test examples, 1 thread")
     p.add_argument("--json", default=None)
+    p.add_argument("--loglik-ab", action="store_true", help="per-proposal vs batched log-likelihood, side by side")
+    p.add_argument("--decode-rows", type=int, default=256, help="latents a decoder call (--loglik-ab; the metric: 256 on CPU)")
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
     if a.quick:
         a.modalities, a.batch, a.latent, a.num_test, a.num_latent_train, a.num_samples, a.threads = [2], 8, 16, 16, 20, 3, 1
@@ -154,9 +225,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    res = run(args)
+    res = loglik_ab(args) if args.loglik_ab else run(args)
     print()
-    print(format_table(res))
+    print(format_ab_table(res) if args.loglik_ab else format_table(res))
     if args.json:
         with open(args.json, "w") as f: json.dump(res, f, indent=1)
     return res

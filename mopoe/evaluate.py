@@ -551,10 +551,10 @@ class LogLikelihood(Metric):
     def batch(self, ctx, x, y, experts):
         B, K, model = len(y), self.loglik_samples, ctx.model
         if self.seen < self.n_ll:
-            for xs, exs in _chunks(x, experts, min(B, self.n_ll - self.seen), max(1, self.rows // K)):
-                self.mix += model.log_likelihood(xs, num_samples=K, experts=exs, proposal="training_mixture").double().sum()
-                for s, sub in enumerate(ctx.names):
-                    self.sub[s] += model.log_likelihood(xs, given=ctx.givens[sub], num_samples=K, experts=exs).double().sum()
+            givens = [ctx.givens[n] for n in ctx.names]
+            for xs, exs in _chunks(x, experts, min(B, self.n_ll - self.seen), max(1, self.rows // (K * (len(givens) + 1)))):
+                ll = model.log_likelihoods(xs, givens, K, exs, training_mixture=True, decode_rows=self.rows).double()  # (S + 1, rows)
+                self.sub += ll[:-1].sum(1); self.mix += ll[-1].sum()
         self.seen += B
 
     def end(self, ctx):

@@ -360,39 +360,122 @@ def cond_generate(self: MultimodalVAE, x: dict, num_samples: int | None = None, 
 # %% ../nbs/04_model.ipynb #c020
 LOGLIK_PROPOSALS = ("posterior", "training_mixture", "selected_component")
 
+def _given_names(self, given) -> tuple:
+    "A proposal's modalities as a tuple in model order (ValueError if empty or unknown)."
+    given = [given] if isinstance(given, str) else list(given)
+    if not given or any(m not in self.modalities for m in given): raise ValueError(f"given must name some of {self.modalities}, got {given}")
+    return tuple(m for m in self.modalities if m in given)
+
+# %% ../nbs/04_model.ipynb #c020_0
+@patch
+def all_subsets(self: MultimodalVAE) -> tuple:
+    "Every non-empty subset of the modalities as a tuple of names, in `subset_mask` order (cached)."
+    if "_all_subsets" not in self.__dict__:
+        self._all_subsets = tuple(tuple(m for m, on in zip(self.modalities, r.tolist()) if on) for r in subset_mask(self.num_modalities))
+    return self._all_subsets
+
+# %% ../nbs/04_model.ipynb #c020_1
+@patch
+def proposal_plan(self: MultimodalVAE, givens: tuple, training_mixture: bool = False):
+    "Many proposals' components as one table (cached): union `U` (C, M), `index` (P, Cmax) into U, `count` (P,), `seen` (P, M), pairs (p, j)."
+    key = (givens, training_mixture, str(self.subsets.device))
+    cache = self.__dict__.setdefault("_proposal_cache", {})
+    if key not in cache:
+        masks = [self.components(self.present(g)) for g in givens] + ([self.subsets] if training_mixture else [])
+        seen = [self.present(g) for g in givens] + ([self.present(self.modalities)] if training_mixture else [])
+        rows, where, table = [], {}, []
+        for mask in masks:                                                 # bookkeeping on masks, once per model and proposals
+            for r in mask.cpu():
+                if tuple(r.tolist()) not in where: where[tuple(r.tolist())] = len(rows); rows.append(r)
+            table.append([where[tuple(r.tolist())] for r in mask.cpu()])
+        width, dev = max(map(len, table)), self.subsets.device
+        pairs = torch.tensor([(p, j) for p, t in enumerate(table) for j in range(len(t))], device=dev)
+        cache[key] = dict(U=torch.stack(rows).to(dev), index=torch.tensor([t + t[:1] * (width - len(t)) for t in table], device=dev),
+                          count=torch.tensor([len(t) for t in table], device=dev), seen=torch.stack(seen), pair_p=pairs[:, 0], pair_j=pairs[:, 1])
+    return cache[key]
+
+# %% ../nbs/04_model.ipynb #c020_1a
+@patch
+def log_px_given(self: MultimodalVAE, x: dict, z: Tensor, w: dict, rows: int | None = None) -> Tensor:
+    "sum_m log p(x_m | z, w_m), unweighted, (..., B) for z (..., B, D); the decoders see at most `rows` latents a call."
+    N, B = z[..., 0].numel(), z.shape[-2]
+    if rows is None or N <= rows:
+        params = self.decode(z, w)
+        return sum(self.likelihoods[m].log_prob(params[m], x[m]) for m in self.modalities)
+    zf, wf, out = z.reshape(N, -1), {m: t.reshape(N, -1) for m, t in w.items()}, []
+    for a in range(0, N, rows):                       # on a CPU a decoder is faster per latent on a few hundred at a time
+        params = self.decode(zf[a:a + rows], {m: t[a:a + rows] for m, t in wf.items()})
+        b = torch.arange(a, min(a + rows, N), device=z.device) % B                     # each latent's batch row
+        out.append(sum(self.likelihoods[m].log_prob(params[m], x[m][b]) for m in self.modalities))
+    return torch.cat(out).view(z.shape[:-1])
+
+# %% ../nbs/04_model.ipynb #c020_2
+@patch
+def importance_log_px(self: MultimodalVAE, x: dict, z: Tensor, log_q: Tensor, private: dict, seen: Tensor,
+                      decode_rows: int | None = None) -> Tensor:
+    "log (1/K) sum_k p(X, z_k, w_k) / q(z_k, w_k) per proposal and row, (P, B), for z (P, K, B, D) and log q(z) (P, K, B)."
+    log_w, family = self.objective.prior_log_prob(z) - log_q, self.objective.family
+    col, w = {m: i for i, m in enumerate(self.modalities)}, {}
+    for m, (pm, pl) in private.items():                       # private codes: the posterior's where the proposal saw m
+        on = seen[:, col[m], None, None]                        # (P, 1, 1); elsewhere the objective's prior draw (ratio 1)
+        post = rsample(pm, pl, family, z.shape[:2])             # (P, K, B, Dp)
+        w[m] = torch.where(on[..., None], post, self.objective.private_prior_sample(self, m, z.shape[:-1], z))
+        ratio = self.objective.prior_log_prob(post) - component_dist(pm, pl, family).log_prob(post)
+        log_w = log_w + torch.where(on, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
+    return torch.logsumexp(log_w + self.log_px_given(x, z, w, decode_rows), 1) - math.log(z.shape[1])
+
+# %% ../nbs/04_model.ipynb #c020_2a
+@patch
+def sample_proposals(self: MultimodalVAE, mu: Tensor, lv: Tensor, plan: dict, num_samples: int):
+    "z (P, K, B, D) from each proposal's mixture of `plan` (a uniform component, then its distribution) and log q(z) (P, K, B)."
+    family, K, B = self.objective.family, num_samples, mu.shape[1]
+    q = MixtureOfProducts(mu, lv, plan["U"], self.prior_expert, family, check=False)      # rows checked where the plan got them
+    cmu, clv = q.components()                                                                      # (C, B, D) every component once
+    count = plan["count"][:, None, None]
+    pick = torch.minimum((torch.rand(len(count), K, B, device=mu.device) * count).long(), count - 1)  # a component per sample
+    comp = plan["index"].gather(1, pick.flatten(1)).view(-1, K, B)                                # (P, K, B) rows of U
+    rows = torch.arange(B, device=mu.device)
+    z = rsample(cmu[comp, rows], clv[comp, rows], family)                                          # (P, K, B, D)
+    c = plan["index"][plan["pair_p"], plan["pair_j"]]                                              # every (proposal, component)
+    lp = component_dist(cmu[c, None], clv[c, None], family).log_prob(z[plan["pair_p"]])              # (pairs, K, B)
+    full = lp.new_full((len(count), plan["index"].shape[1], K, B), -math.inf)
+    full[plan["pair_p"], plan["pair_j"]] = lp
+    return z, torch.logsumexp(full, 1) - count.to(lp.dtype).log()                                 # the mixtures' densities
+
+# %% ../nbs/04_model.ipynb #c020_3
+@patch
+@torch.no_grad()
+def log_likelihoods(self: MultimodalVAE, x: dict, givens=None, num_samples: int = 15, experts=None,
+                    training_mixture: bool = False, decode_rows: int | None = None) -> Tensor:
+    "Importance-sampled log p(X), (P, B): proposal q(z|X_g) for each g in `givens` (default: every subset), then the training mixture if asked."
+    if int(num_samples) != num_samples or num_samples < 1: raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    x, _ = self.prepare(x, require_all=True)
+    mu, lv, _, private = self.encode(x) if experts is None else experts
+    givens = self.all_subsets() if givens is None else tuple(_given_names(self, g) for g in givens)
+    if not givens and not training_mixture: raise ValueError("log_likelihoods needs a proposal: some `givens` or training_mixture=True")
+    plan = self.proposal_plan(givens, training_mixture)
+    z, log_q = self.sample_proposals(mu, lv, plan, int(num_samples))
+    return self.importance_log_px(x, z, log_q, private, plan["seen"], decode_rows)
+
+# %% ../nbs/04_model.ipynb #c020_4
 @patch
 @torch.no_grad()
 def log_likelihood(self: MultimodalVAE, x: dict, given=None, num_samples: int = 15, experts=None,
                     proposal: str = "posterior") -> Tensor:
     "Importance-sampled log p(X) per example (B,); proposal q(z|X_given) (default all: Table 4's 'X'), or the training mixture."
     if proposal not in LOGLIK_PROPOSALS: raise ValueError(f"unknown proposal {proposal!r}; choose one of {', '.join(LOGLIK_PROPOSALS)}")
-    if int(num_samples) != num_samples or num_samples < 1: raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-    x, _ = self.prepare(x, require_all=True)
-    mu, lv, _, private = self.encode(x) if experts is None else experts
     if proposal == "training_mixture":
         if given is not None: raise ValueError("proposal='training_mixture' uses every modality; leave `given` out")
-        mask = self.subsets
-    else:
-        given = list(self.modalities) if given is None else [given] if isinstance(given, str) else list(given)
-        bad = [m for m in given if m not in self.modalities]
-        if bad or not given: raise ValueError(f"given must name some of {self.modalities}, got {given}")
-        mask = self.components(self.present(given))
-    family = self.objective.family
-    q = MixtureOfProducts(mu, lv, mask, self.prior_expert, family)
-    if proposal == "selected_component":                       # the authors' MMVAE: one component per row, its own density
-        B = mu.shape[1]
-        ids = (torch.arange(B, device=mu.device) * q.num_components) // B                   # contiguous blocks, as theirs
-        cmu, clv = q.rows(ids)
-        z = rsample(cmu, clv, family, (num_samples,))                                      # (K, B, D)
-        log_q = component_dist(cmu, clv, family).log_prob(z)
-    else:
-        z = q.rsample((num_samples,), strategy="random")                             # (K, B, D)
-        log_q = q.log_prob(z)
-    log_w = self.objective.prior_log_prob(z) - log_q
-    proposal_private = {m: private[m] for m in private if given is None or m in given}
-    w = self.sample_private(proposal_private, z.shape[:-1])                        # (K, B, Dp) each
-    for m, (pm, pl) in proposal_private.items():
-        log_w = log_w + self.objective.prior_log_prob(w[m]) - component_dist(pm, pl, family).log_prob(w[m])
-    params = self.decode(z, w)
-    log_w = log_w + sum(self.likelihoods[m].log_prob(params[m], x[m]) for m in self.modalities)
-    return torch.logsumexp(log_w, 0) - math.log(num_samples)
+        return self.log_likelihoods(x, [], num_samples, experts, training_mixture=True)[0]
+    given = self.modalities if given is None else given
+    if proposal == "posterior": return self.log_likelihoods(x, [given], num_samples, experts)[0]
+    if int(num_samples) != num_samples or num_samples < 1: raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    x, _ = self.prepare(x, require_all=True)                      # the authors' MMVAE: one component per row, its own density
+    mu, lv, _, private = self.encode(x) if experts is None else experts
+    given, family = _given_names(self, given), self.objective.family
+    q = MixtureOfProducts(mu, lv, self.components(self.present(given)), self.prior_expert, family)
+    cmu, clv = q.rows((torch.arange(mu.shape[1], device=mu.device) * q.num_components) // mu.shape[1])   # contiguous blocks, as theirs
+    z = rsample(cmu, clv, family, (num_samples,))                                                        # (K, B, D)
+    log_q = component_dist(cmu, clv, family).log_prob(z)
+    private = {m: v for m, v in private.items() if m in given}
+    return self.importance_log_px(x, z[None], log_q[None], private, self.present(given)[None])[0]

@@ -192,6 +192,22 @@ def _tiny_batch(b: int = 8, seed: int = 0):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
+def test_loglik_reads_nothing_on_the_host(objective):
+    "The evaluation's dominant cost, log p(X) under every proposal at once, reads no device value (after a first call)."
+    model = _tiny_mlp_model(objective).eval()
+    model.check_inputs = False                                 # as evaluate's data: validated once when the dataset is built
+    x, _ = _tiny_batch()
+    ex = model.experts(x)
+    model.log_likelihoods(x, num_samples=3, experts=ex, training_mixture=True)        # fills the per-model mask caches
+    with SyncCounter(active=False) as c:
+        c.phase("loglik")
+        ll = model.log_likelihoods(x, num_samples=3, experts=ex, training_mixture=True)
+        c.off()
+    assert ll.shape == (2 ** 3, 8) and torch.isfinite(ll).all()
+    assert c.count("loglik") == 0, _sync_failure(c, "loglik", 0, 1)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_graph_breaks(objective):
     """torch._dynamo.explain of the model's loss (observed masks: the superset of the paths) as the trainer calls it
     (check_inputs off, β a 0-dim tensor): at most MAX_GRAPH_BREAKS breaks; the reasons are printed."""
