@@ -151,7 +151,7 @@ def loglik_ab(args) -> dict:
 
 def format_ab_table(res: dict) -> str:
     st = res["settings"]
-    rows = [f"| M | proposals | per proposal: s, decoder calls | batched: s, decoder calls | speed-up |",
+    rows = ["| M | proposals | per proposal: s, decoder calls | batched: s, decoder calls | speed-up |",
             "|---|---|---|---|---|"]
     for r in res["results"]:
         a, b = r["per proposal"], r["batched"]
