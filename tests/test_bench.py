@@ -7,8 +7,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _run(script, out):
-    p = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--json", str(out)],
+def _run(script, out, *extra):
+    p = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--json", str(out), *extra],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     return json.loads(out.read_text())
@@ -48,3 +48,12 @@ def test_bench_eval_quick(tmp_path):
     assert set(r["throughput"]) == {"latent", "coherence", "loglik"}
     for v in r["throughput"].values():
         assert v["examples_per_s"] > 0 and v["seconds"] > 0
+
+
+def test_bench_eval_loglik_ab_quick(tmp_path):
+    "Both arms run on the same data; the batched one makes one decoder call per modality and chunk (4 proposals for M=2)."
+    res = _run("bench_eval.py", tmp_path / "ab.json", "--loglik-ab", "--repeats", "1")
+    (r,) = res["results"]
+    assert r["M"] == 2 and r["proposals"] == 4
+    assert r["per proposal"]["decoder_calls"] == 4 * 2 and r["batched"]["decoder_calls"] == 2   # 16 tuples fit one chunk
+    assert r["speedup"] > 0
