@@ -45,6 +45,23 @@ def _remap(idx: np.ndarray):
     return u, inv.astype(np.int64)
 
 
+def _pair_split(mnist, svhn, n: int | None, k: int, pairings: int, seed: int) -> dict:
+    "One split's payload: MNIST images paired by label with SVHN (or the synthetic stand-in for svhn=None) and a text."
+    rng = np.random.default_rng([seed, 10 + k])
+    Xm, ym, _ = mnist
+    if svhn is None: Xs, ys = render_svhn_like(ym, np.random.default_rng([seed, 20 + k])), ym.copy()
+    else: Xs, ys = svhn
+    pairs = pair_by_label(ym, ys, pairings, rng)
+    pairs = pairs[rng.permutation(len(pairs))[:n]]
+    um, im = _remap(pairs[:, 0]); us, is_ = _remap(pairs[:, 1])
+    labels = ym[pairs[:, 0]]
+    text = np.stack([text_to_indices(digit_text(c, rng), 8) for c in labels]) if len(labels) else np.empty((0, 8), np.uint8)
+    return {"data": {"mnist": torch.from_numpy(np.ascontiguousarray(Xm[um][:, None])),
+                     "svhn": torch.from_numpy(np.ascontiguousarray(Xs[us])), "text": torch.from_numpy(text)},
+            "index": {"mnist": torch.from_numpy(im), "svhn": torch.from_numpy(is_)},
+            "labels": torch.from_numpy(labels.astype(np.int64)), "meta": {"pairs": torch.from_numpy(pairs)}}
+
+
 def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | None = None, pairings: int | None = None,
                     seed: int = 0, source: str = "offline", download: bool = True, cache: bool = True,
                     verbose: bool = False):
@@ -66,24 +83,8 @@ def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | N
             try: sv = load_svhn(root, download)
             except MissingDataError as e: missing.append(str(e))
         if missing: raise MissingDataError("\n".join(missing) + f"\nThen run the same command again: {then}")
-        out = {}
-        for k, (split, n) in enumerate((("train", num_train), ("test", num_test))):
-            rng = np.random.default_rng([seed, 10 + k])
-            Xm, ym, _ = mn[split]
-            if source == "offline": Xs, ys = render_svhn_like(ym, np.random.default_rng([seed, 20 + k])), ym.copy()
-            else: Xs, ys = sv[split]
-            pairs = pair_by_label(ym, ys, pairings, rng)
-            pairs = pairs[rng.permutation(len(pairs))[:n]]
-            um, im = _remap(pairs[:, 0]); us, is_ = _remap(pairs[:, 1])
-            labels = ym[pairs[:, 0]]
-            text = np.stack([text_to_indices(digit_text(c, rng), 8) for c in labels]) if len(labels) else np.empty((0, 8), np.uint8)
-            out[split] = {"data": {"mnist": torch.from_numpy(np.ascontiguousarray(Xm[um][:, None])),
-                                   "svhn": torch.from_numpy(np.ascontiguousarray(Xs[us])),
-                                   "text": torch.from_numpy(text)},
-                          "index": {"mnist": torch.from_numpy(im), "svhn": torch.from_numpy(is_)},
-                          "labels": torch.from_numpy(labels.astype(np.int64)),
-                          "meta": {"pairs": torch.from_numpy(pairs)}}
-        return out
+        return {split: _pair_split(mn[split], None if sv is None else sv[split], n, k, pairings, seed)
+                for k, (split, n) in enumerate((("train", num_train), ("test", num_test)))}
     splits, sec, hit, path = build_cached("mnist_svhn_text", root, key, cache, build, verbose)
     kinds = {"mnist": "image", "svhn": "image", "text": "text"}
     train, test = (MultimodalDataset.from_payload(splits[s], kinds) for s in ("train", "test"))

@@ -4,6 +4,8 @@
 
 # %% ../../nbs/05c_standins.ipynb #c002
 from __future__ import annotations
+from types import SimpleNamespace
+
 import numpy as np
 
 # %% auto #0
@@ -111,24 +113,30 @@ _HAIR_RGB = {"Black_Hair": (25, 20, 20), "Blond_Hair": (225, 195, 110), "Brown_H
 _SKIN_RGB = [(241, 194, 160), (224, 172, 135), (198, 140, 100), (160, 105, 70), (110, 72, 50), (232, 185, 150)]
 
 # %% ../../nbs/05c_standins.ipynb #c008_2
-def _draw_face(a: dict, rng):
-    "Draw one face with attributes `a` -> PIL image 128x128."
+def _shade(c, f): return tuple(int(np.clip(v * f, 0, 255)) for v in c)
+
+def _face_frame(a: dict, rng):
+    "A blank 128x128 canvas and the face's geometry and colours (the random draws in a fixed order)."
     from PIL import Image, ImageDraw
-    S, j = 128, lambda s: float(rng.uniform(-s, s))
-    shade = lambda c, f: tuple(int(np.clip(v * f, 0, 255)) for v in c)
-    im = Image.new("RGB", (S, S), tuple(int(v) for v in rng.integers(30, 235, 3))); d = ImageDraw.Draw(im)
+    j = lambda s: float(rng.uniform(-s, s))
+    im = Image.new("RGB", (128, 128), tuple(int(v) for v in rng.integers(30, 235, 3)))
     sc = rng.uniform(0.9, 1.08); cx, cy = 64 + j(5), 62 + j(4)
-    fw, fh = (34 if a["Chubby"] else 28) * sc, 38 * sc
     skin = (250, 228, 214) if a["Pale_Skin"] else _SKIN_RGB[rng.integers(len(_SKIN_RGB))]
-    skin = shade(skin, rng.uniform(0.95, 1.05))
-    hair = shade(_HAIR_RGB[a["hair"]], rng.uniform(0.85, 1.12))
-    dark_hair = hair if a["hair"] not in ("none", "Blond_Hair", "Gray_Hair") else shade(hair, 0.6)
-    cloth = tuple(int(v) for v in rng.integers(10, 245, 3))
-    long_hair = a["hair"] != "none" and not a["Male"]
-    if long_hair:                                                          # hair falling behind the shoulders
+    skin = _shade(skin, rng.uniform(0.95, 1.05))
+    hair = _shade(_HAIR_RGB[a["hair"]], rng.uniform(0.85, 1.12))
+    g = SimpleNamespace(sc=sc, cx=cx, cy=cy, fw=(34 if a["Chubby"] else 28) * sc, fh=38 * sc, skin=skin, hair=hair,
+                        dark_hair=hair if a["hair"] not in ("none", "Blond_Hair", "Gray_Hair") else _shade(hair, 0.6),
+                        cloth=tuple(int(v) for v in rng.integers(10, 245, 3)), j=j)
+    return im, ImageDraw.Draw(im), g
+
+# %% ../../nbs/05c_standins.ipynb #c008_2a
+def _draw_head(d, a: dict, g, rng):
+    "Hair behind, shoulders, neck (tie, necklace), back of the head, ears (earrings), the face and its hairline."
+    cx, cy, fw, fh, sc, skin, hair = g.cx, g.cy, g.fw, g.fh, g.sc, g.skin, g.hair
+    if a["hair"] != "none" and not a["Male"]:                              # hair falling behind the shoulders
         d.rounded_rectangle([cx - fw - 10, cy - fh - 6, cx + fw + 10, cy + fh + 22], radius=22, fill=hair)
-    d.ellipse([cx - 58, cy + fh - 6, cx + 58, cy + fh + 80], fill=cloth)    # shoulders
-    d.rectangle([cx - 11 * sc, cy + fh - 16, cx + 11 * sc, cy + fh + 8], fill=shade(skin, 0.85))   # neck
+    d.ellipse([cx - 58, cy + fh - 6, cx + 58, cy + fh + 80], fill=g.cloth)  # shoulders
+    d.rectangle([cx - 11 * sc, cy + fh - 16, cx + 11 * sc, cy + fh + 8], fill=_shade(skin, 0.85))   # neck
     if a["Wearing_Necktie"]:
         d.polygon([(cx - 9, cy + fh + 4), (cx + 9, cy + fh + 4), (cx, cy + fh + 12)], fill=(245, 245, 245))
         d.polygon([(cx - 4, cy + fh + 8), (cx + 4, cy + fh + 8), (cx + 7, cy + fh + 40), (cx, cy + fh + 48),
@@ -138,17 +146,22 @@ def _draw_face(a: dict, rng):
     if a["hair"] != "none" and not a["Bald"]:                               # back of the head
         d.ellipse([cx - fw - 5, cy - fh - 9, cx + fw + 5, cy + fh * 0.35], fill=hair)
     for s in (-1, 1):                                                       # ears (+ earrings)
-        d.ellipse([cx + s * fw - 5, cy - 6, cx + s * fw + 5, cy + 12], fill=shade(skin, 0.95))
+        d.ellipse([cx + s * fw - 5, cy - 6, cx + s * fw + 5, cy + 12], fill=_shade(skin, 0.95))
         if a["Wearing_Earrings"]: d.ellipse([cx + s * fw - 3, cy + 11, cx + s * fw + 3, cy + 17], fill=(240, 205, 60))
     d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)              # face
-    if a["Bald"]: d.ellipse([cx - 10, cy - fh + 4, cx + 2, cy - fh + 10], fill=shade(skin, 1.12))   # shine
+    if a["Bald"]: d.ellipse([cx - 10, cy - fh + 4, cx + 2, cy - fh + 10], fill=_shade(skin, 1.12))   # shine
     elif a["hair"] != "none":                                               # hairline / bangs
         depth = fh * (0.95 if a["Bangs"] else rng.uniform(0.45, 0.6))
         d.chord([cx - fw, cy - fh, cx + fw, cy - fh + 2 * depth], 180, 360, fill=hair)
+
+# %% ../../nbs/05c_standins.ipynb #c008_2b
+def _draw_eyes(d, a: dict, g, rng):
+    "Wrinkles, rosy cheeks, eyes and eyebrows, eyeglasses."
+    cx, cy, fw, fh, skin = g.cx, g.cy, g.fw, g.fh, g.skin
     ey, ex = cy - 0.1 * fh, 0.4 * fw
     if not a["Young"]:                                                      # wrinkles
-        for k in (0, 1): d.arc([cx - 12, cy - fh * 0.45 + 4 * k, cx + 12, cy - fh * 0.45 + 8 + 4 * k], 200, 340, fill=shade(skin, 0.75), width=1)
-        for s in (-1, 1): d.line([(cx + s * 9, cy + 0.2 * fh), (cx + s * 13, cy + 0.5 * fh)], fill=shade(skin, 0.78), width=1)
+        for k in (0, 1): d.arc([cx - 12, cy - fh * 0.45 + 4 * k, cx + 12, cy - fh * 0.45 + 8 + 4 * k], 200, 340, fill=_shade(skin, 0.75), width=1)
+        for s in (-1, 1): d.line([(cx + s * 9, cy + 0.2 * fh), (cx + s * 13, cy + 0.5 * fh)], fill=_shade(skin, 0.78), width=1)
     if a["Rosy_Cheeks"]:
         for s in (-1, 1): d.ellipse([cx + s * ex * 1.25 - 6, cy + 0.2 * fh - 4, cx + s * ex * 1.25 + 6, cy + 0.2 * fh + 4],
                                     fill=tuple(int(0.55 * u + 0.45 * v) for u, v in zip(skin, (235, 90, 110))))
@@ -159,26 +172,32 @@ def _draw_face(a: dict, rng):
         d.ellipse([x0 - 6.5, ey - eh, x0 + 6.5, ey + eh], fill=(250, 250, 250))
         d.ellipse([x0 - 3.2, ey - min(eh, 3.2), x0 + 3.2, ey + min(eh, 3.2)], fill=iris)
         d.ellipse([x0 - 1.4, ey - 1.4, x0 + 1.4, ey + 1.4], fill=(10, 10, 10))
-        by, bw = ey - 8 - j(1), 4 if a["Bushy_Eyebrows"] else 2
-        if a["Arched_Eyebrows"]: d.arc([x0 - 8, by - 2, x0 + 8, by + 8], 200, 340, fill=dark_hair, width=bw)
-        else: d.line([(x0 - 8, by + 1), (x0 + 8, by - s * 0.5)], fill=dark_hair, width=bw)
+        by, bw = ey - 8 - g.j(1), 4 if a["Bushy_Eyebrows"] else 2
+        if a["Arched_Eyebrows"]: d.arc([x0 - 8, by - 2, x0 + 8, by + 8], 200, 340, fill=g.dark_hair, width=bw)
+        else: d.line([(x0 - 8, by + 1), (x0 + 8, by - s * 0.5)], fill=g.dark_hair, width=bw)
     if a["Eyeglasses"]:
         frame = tuple(int(v) for v in rng.choice([(20, 20, 20), (90, 60, 30), (150, 150, 160)]))
         for s in (-1, 1): d.rounded_rectangle([cx + s * ex - 10, ey - 7, cx + s * ex + 10, ey + 7], radius=4, outline=frame, width=2)
         d.line([(cx - ex + 10, ey - 2), (cx + ex - 10, ey - 2)], fill=frame, width=2)
         for s in (-1, 1): d.line([(cx + s * (ex + 10), ey - 3), (cx + s * fw, ey - 4)], fill=frame, width=2)
+
+# %% ../../nbs/05c_standins.ipynb #c008_2c
+def _draw_mouth(d, a: dict, g, rng):
+    "Nose, beard, goatee, mustache, mouth (lipstick, open, smiling), hat."
+    cx, cy, fw, fh, skin = g.cx, g.cy, g.fw, g.fh, g.skin
+    ey = cy - 0.1 * fh
     nw = 6 if a["Big_Nose"] else 3.5                                        # nose
     ny = cy + 0.28 * fh
-    d.polygon([(cx, ey + 2), (cx - nw, ny), (cx + nw, ny)], fill=shade(skin, 0.88))
-    d.line([(cx - nw, ny), (cx + nw, ny)], fill=shade(skin, 0.65), width=2 if a["Big_Nose"] else 1)
-    my, mw = cy + 0.55 * fh, (12 if a["Smiling"] else 9) * sc
-    beard_c = dark_hair if a["hair"] != "Gray_Hair" else hair
+    d.polygon([(cx, ey + 2), (cx - nw, ny), (cx + nw, ny)], fill=_shade(skin, 0.88))
+    d.line([(cx - nw, ny), (cx + nw, ny)], fill=_shade(skin, 0.65), width=2 if a["Big_Nose"] else 1)
+    my, mw = cy + 0.55 * fh, (12 if a["Smiling"] else 9) * g.sc
+    beard_c = g.dark_hair if a["hair"] != "Gray_Hair" else g.hair
     if not a["No_Beard"] and not a["Goatee"]:
         d.chord([cx - fw, cy - fh * 0.9, cx + fw, cy + fh + 1], 15, 165, fill=beard_c)
         d.ellipse([cx - mw - 3, my - 6, cx + mw + 3, my + 7], fill=skin)
     if a["Goatee"]: d.ellipse([cx - 9, my + 5, cx + 9, cy + fh + 2], fill=beard_c)
     if a["Mustache"]: d.polygon([(cx - mw - 2, my - 1), (cx - 3, my - 7), (cx + 3, my - 7), (cx + mw + 2, my - 1), (cx, my - 4)], fill=beard_c)
-    lip = (200, 25, 55) if a["Wearing_Lipstick"] else shade(skin, 0.7)
+    lip = (200, 25, 55) if a["Wearing_Lipstick"] else _shade(skin, 0.7)
     if a["Mouth_Slightly_Open"]:
         box = [cx - mw, my - 5, cx + mw, my + 7] if a["Smiling"] else [cx - 6, my - 3, cx + 6, my + 5]
         if a["Smiling"]:
@@ -190,7 +209,13 @@ def _draw_face(a: dict, rng):
     if a["Wearing_Hat"]:
         hc = tuple(int(v) for v in rng.integers(0, 230, 3))
         d.rounded_rectangle([cx - fw - 1, cy - fh - 26, cx + fw + 1, cy - fh + 12], radius=8, fill=hc)
-        d.ellipse([cx - fw - 14, cy - fh + 6, cx + fw + 14, cy - fh + 18], fill=shade(hc, 0.8))
+        d.ellipse([cx - fw - 14, cy - fh + 6, cx + fw + 14, cy - fh + 18], fill=_shade(hc, 0.8))
+
+# %% ../../nbs/05c_standins.ipynb #c008_2d
+def _draw_face(a: dict, rng):
+    "Draw one face with attributes `a` -> PIL image 128x128 (head, eyes, mouth, in the order of their random draws)."
+    im, d, g = _face_frame(a, rng)
+    for part in (_draw_head, _draw_eyes, _draw_mouth): part(d, a, g, rng)
     return im
 
 # %% ../../nbs/05c_standins.ipynb #c008_3
