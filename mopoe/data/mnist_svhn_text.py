@@ -61,7 +61,7 @@ def _pair_split(mnist, svhn, n: int | None, k: int, pairings: int, seed: int) ->
             "index": {"mnist": torch.from_numpy(im), "svhn": torch.from_numpy(is_)},
             "labels": torch.from_numpy(labels.astype(np.int64)), "meta": {"pairs": torch.from_numpy(pairs)}}
 
-
+# %% ../../nbs/05e_mnist_svhn_text.ipynb #c008a
 def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | None = None, pairings: int | None = None,
                     seed: int = 0, source: str = "offline", download: bool = True, cache: bool = True,
                     verbose: bool = False):
