@@ -393,8 +393,8 @@ def fid_table(result: dict):
     return df
 
 # %% ../nbs/10_fid.ipynb #f064
-def plot_fid_matrix(result: dict, title: str | None = None, figsize=None):
-    "Source→target heatmap of `fid_table(result)` (a matplotlib Figure), values written in the cells, grey where not computed."
+def plot_fid_matrix(result: dict, title: str | None = None, figsize=None, vmin: float | None = None, vmax: float | None = None):
+    "Source→target heatmap of `fid_table(result)` (a matplotlib Figure), values in the cells, grey where not computed; `vmin`/`vmax` share a scale."
     import matplotlib
     from matplotlib.figure import Figure
     df = fid_table(result)
@@ -402,12 +402,12 @@ def plot_fid_matrix(result: dict, title: str | None = None, figsize=None):
     fig = Figure(figsize=figsize or (2.2 + 0.9 * df.shape[1], 1.2 + 0.35 * df.shape[0]), layout="constrained")
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.9")
-    im = ax.imshow(A, cmap=cmap, aspect="auto")
-    lo, hi = (float(A.min()), float(A.max())) if A.count() else (0.0, 1.0)
+    im = ax.imshow(A, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+    lo, hi = im.get_clim()
     for (i, j), v in np.ndenumerate(df.to_numpy(dtype=float)):
         if np.isfinite(v):
-            ax.text(j, i, f"{max(v, 0.0):.1f}" if abs(v) < 100 else f"{v:.0f}",       # FID >= 0; -1e-12 is rounding ha="center", va="center", fontsize=8,
-                    color="white" if v < (lo + hi) / 2 else "black")
+            ax.text(j, i, f"{max(v, 0.0):.1f}" if abs(v) < 100 else f"{v:.0f}",       # FID >= 0; -1e-12 is rounding
+                    ha="center", va="center", fontsize=8, color="white" if v < (lo + hi) / 2 else "black")
     ax.set_xticks(range(df.shape[1]), df.columns); ax.set_yticks(range(df.shape[0]), df.index)
     ax.set_xlabel("target"); ax.set_ylabel("generated from")
     fig.colorbar(im, ax=ax, label="FID (lower is better)")
