@@ -477,5 +477,4 @@ def log_likelihood(self: MultimodalVAE, x: dict, given=None, num_samples: int = 
     cmu, clv = q.rows((torch.arange(mu.shape[1], device=mu.device) * q.num_components) // mu.shape[1])   # contiguous blocks, as theirs
     z = rsample(cmu, clv, family, (num_samples,))                                                        # (K, B, D)
     log_q = component_dist(cmu, clv, family).log_prob(z)
-    private = {m: v for m, v in private.items() if m in given}
     return self.importance_log_px(x, z[None], log_q[None], private, self.present(given)[None])[0]
