@@ -5,12 +5,14 @@
 # one core; a finished run (results.json present) is skipped, an interrupted one resumed.
 # Usage: benchmarks/run_comparison.sh [names...]   (default: all; seed with SEED=1 ..., dataset with DATASET=polymnist)
 # DATASET=polymnist: the PolyMNIST comparison at 3,000 steps (8,000 tuples, 24 epochs of batch 64, latent 64 – MMVAE+
-# z 32 + w 32 –, beta 1: the complete-data schedule of results/incomplete), FID on 50 images per set.
+# z 32 + w 32 –, beta 1: the complete-data schedule of results/incomplete), FID on 50 images per set, into
+# results/compare_3000/polymnist (`papermill nbs/reproduce.ipynb out.ipynb -p dataset polymnist -p compare_dir results/compare_3000`).
 set -u
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
 DATASET=${DATASET:-mnist_svhn_text}
-ROOT=${ROOT:-results/compare/$DATASET}
+ROOT=${ROOT:-results/compare/$DATASET}                # PolyMNIST's 3,000-step runs: results/compare_3000/polymnist
+[ "$DATASET" = polymnist ] && ROOT=${ROOT_3000:-results/compare_3000/polymnist}
 COMMON=(--dataset "$DATASET" --seed "$SEED" --metrics latent,coherence,loglik,fid --fid_samples 50 --loglik_max_test 100
         --device cpu --data_dir "${DATA_DIR:-data}")
 if [ "$DATASET" = polymnist ]; then
