@@ -10,8 +10,8 @@ __all__ = ['KL_ESTIMATORS', 'RENAMED_KL', 'AUTO_KL_MAX_SUBSETS', 'KL_SAMPLES', '
 
 # %% ../nbs/02_objectives.ipynb #c002
 import importlib
-import math
 import inspect
+import math
 import warnings
 from typing import Callable
 
