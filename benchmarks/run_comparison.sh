@@ -6,7 +6,8 @@
 # Usage: benchmarks/run_comparison.sh [names...]   (default: all; seed with SEED=1 ..., dataset with DATASET=polymnist)
 # DATASET=polymnist: the PolyMNIST comparison at 3,000 steps (8,000 tuples, 24 epochs of batch 64, latent 64 – MMVAE+
 # z 32 + w 32 –, beta 1: the complete-data schedule of results/incomplete), FID on 50 images per set, into
-# results/compare_3000/polymnist (`papermill nbs/reproduce.ipynb out.ipynb -p dataset polymnist -p compare_dir results/compare_3000`).
+# results/compare_3000/polymnist (`papermill nbs/reproduce.ipynb out.ipynb -p dataset polymnist -p epochs 24
+# -p compare_dir results/compare_3000 -p tag _3000` renders them with the paper's models at that schedule).
 set -u
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
