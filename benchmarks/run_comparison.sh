@@ -12,8 +12,9 @@ set -u
 cd "$(dirname "$0")/.."
 SEED=${SEED:-0}
 DATASET=${DATASET:-mnist_svhn_text}
-ROOT=${ROOT:-results/compare/$DATASET}                # PolyMNIST's 3,000-step runs: results/compare_3000/polymnist
-[ "$DATASET" = polymnist ] && ROOT=${ROOT_3000:-results/compare_3000/polymnist}
+DEFAULT_ROOT=results/compare/$DATASET
+[ "$DATASET" = polymnist ] && DEFAULT_ROOT=results/compare_3000/polymnist   # apart from the 1,000-step runs
+ROOT=${ROOT:-$DEFAULT_ROOT}
 COMMON=(--dataset "$DATASET" --seed "$SEED" --metrics latent,coherence,loglik,fid --fid_samples 50 --loglik_max_test 100
         --device cpu --data_dir "${DATA_DIR:-data}")
 if [ "$DATASET" = polymnist ]; then
