@@ -11,6 +11,8 @@ cfg = cfg["DEFAULT"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 fid_requirements = cfg.get("fid_requirements", "").split()
+hub_requirements = cfg.get("hub_requirements", "").split()
+logger_requirements = cfg.get("logger_requirements", "").split()
 licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
 lic = licenses[cfg["license"]]
 
@@ -35,7 +37,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["mopoe", "mopoe.*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"fid": fid_requirements, "dev": dev_requirements + fid_requirements},
+    extras_require={"fid": fid_requirements, "hub": hub_requirements, "loggers": logger_requirements,
+                    "dev": dev_requirements + fid_requirements + hub_requirements + logger_requirements},
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
