@@ -16,6 +16,9 @@ on synthetic tensors of PolyMNIST's shape and times, interleaved in one process,
 - ``mopoe_masked``: MoPoE with a per-tuple availability mask (each modality of each tuple missing with probability
   0.25, at least one kept; the missing entries hold NaN) – the cost of per-tuple subsets.
 - ``mopoe_exact``: MoPoE with ``kl="subset_average"`` (the exact subset-average KL, the default before ``auto``).
+- with ``--successors``: the objectives of issue 29 that are registered (``mmvm``, ``code_vae``, ``cmvae``), each with its
+  default options, timed in the same interleaved rounds as MoPoE (an objective that needs private latents gets
+  ``SUCCESSOR_PRIVATE_DIM`` of them).
 
 and separately the fusion alone on random experts (M, B, D) that require grad: MixtureOfProducts
 + stratified component ids + rsample + mean_kl (the exact KL of every subset) + backward with a random
@@ -35,7 +38,7 @@ trains PolyMNIST's cpu preset nets (M = 5, latent 64, batch 64, random uint8 tup
 steps in one process, after an untimed one-step run (imports, lazy caches); (T(K0 + K) - T(K0)) / K is the step time
 without the fixed costs (building the model, the first steps). The trees alternate within every round (order rotated), ``--repeats`` rounds, median and spread reported.
 
-Usage: python benchmarks/bench_objective.py [--modalities 2 3 5 8 10 12] [--json out.json] [--quick]
+Usage: python benchmarks/bench_objective.py [--modalities 2 3 5 8 10 12] [--json out.json] [--quick] [--successors]
        python benchmarks/bench_objective.py --trainer-ab /tmp/b802ad6 [--repeats 5] [--json ab.json]
 """
 from __future__ import annotations
@@ -53,6 +56,8 @@ import time
 from types import SimpleNamespace
 
 VARIANTS = ("bare", "mopoe", "mopoe_masked", "mopoe_exact", "mvae", "mmvae", "subset_elbos")
+SUCCESSORS = ("mmvm", "code_vae", "cmvae")      # issue 29's objectives, timed with --successors where registered
+SUCCESSOR_PRIVATE_DIM = 32                        # private latents of a successor that needs them (CMVAE, as MMVAE+)
 MISSING_RATE = 0.25
 
 
@@ -97,10 +102,24 @@ def build(variant: str, M: int, latent: int, seed: int = 0, beta: float = 2.5, s
     liks = {m: get_likelihood("laplace", scale=scale) for m in info.modalities}
     objective = "mopoe" if variant in ("bare", "mopoe_masked", "mopoe_exact") else variant
     kl = "subset_average" if variant == "mopoe_exact" else "auto"
-    model = MultimodalVAE(enc, dec, liks, latent, 0, objective=objective, rec_weights=default_rec_weights(info.data_dims),
+    private = SUCCESSOR_PRIVATE_DIM if variant in SUCCESSORS and _needs_private(variant) else 0
+    if private: enc, dec = make_networks(info, latent, private)
+    model = MultimodalVAE(enc, dec, liks, latent, private, objective=objective, rec_weights=default_rec_weights(info.data_dims),
                           shapes=info.shapes, kl=kl)
     model.bench_beta = beta                                  # the KL weight the steps use (the model holds no β)
     return model
+
+
+def _needs_private(objective: str) -> bool:
+    from mopoe.objectives import OBJECTIVES
+    return bool(getattr(OBJECTIVES[objective], "needs_private", False))
+
+
+def registered_successors() -> list:
+    "The objectives of SUCCESSORS that mopoe registers (after loading the modules that register more)."
+    from mopoe.objectives import OBJECTIVES, load_objectives
+    load_objectives()
+    return [v for v in SUCCESSORS if v in OBJECTIVES]
 
 
 def make_observed(M: int, batch: int, rate: float = MISSING_RATE, seed: int = 3):
@@ -278,12 +297,12 @@ def run(args) -> dict:
         "batch": args.batch, "latent": args.latent, "repeats": args.repeats, "modalities": args.modalities,
         "threads": args.threads, "quick": args.quick, "powerset_max_m": args.powerset_max_m,
         "beta": 2.5, "likelihood": "laplace(scale=0.75)", "prior_expert": "auto", "kl": "auto", "optimizer": "Adam(lr=1e-3)",
-        "missing_rate_of_mopoe_masked": MISSING_RATE,
+        "missing_rate_of_mopoe_masked": MISSING_RATE, "successors": args.successors,
         "bare": "M independent single-Gaussian VAEs on the same encoders/decoders (Laplace log-lik - beta*KL)"},
         "results": []}
     t_start = time.perf_counter()
     for M in args.modalities:
-        variants = [v for v in VARIANTS if v != "subset_elbos" or M <= args.powerset_max_m]
+        variants = [v for v in VARIANTS if v != "subset_elbos" or M <= args.powerset_max_m] + list(args.successors)
         x = make_data(M, args.batch)
         fns = {v: make_step(v, build(v, M, args.latent), x) for v in variants}
         fus, experts = make_fusion(M, args.batch, args.latent, "subset_average")
@@ -352,8 +371,10 @@ def check_targets(results: list) -> dict:
 def format_row(r: dict) -> str:
     tm = r["times"]
     cells = [f"M={r['M']:>2} K={r['subsets']:>4}", f"bare {tm['bare']['median']:.3f}s"]
-    for v in VARIANTS[1:]:
+    for v in VARIANTS[1:] + SUCCESSORS:
         if v in tm: cells.append(f"{v} {tm[v]['median']:.3f}s ({r['ratio_to_bare'][v]:.2f}x)")
+    for v in SUCCESSORS:
+        if v in tm: cells.append(f"{v}/mopoe {tm[v]['median'] / tm['mopoe']['median']:.2f}")
     cells.append(f"fusion {r['fusion']['median']:.3f}s ({100 * r['fusion_fraction_of_mopoe_step']:.0f}% of mopoe step)")
     cells.append(f"fusion(row_subset KL) {r['fusion_sampled_kl']['median']:.3f}s")
     cells.append(f"fusion(subset_sample KL) {r['fusion_subset_sample']['median']:.3f}s")
@@ -383,6 +404,19 @@ def format_table(res: dict) -> str:
                     f"{cell('mmvae')} | {ps} | {r['fusion']['median']:.3f} | {r['fusion_subset_sample']['median']:.3f} | "
                     f"{r['fusion_sampled_kl']['median']:.3f} | {gb('bare')} | {gb('mopoe')} | "
                     f"{'–' if mr is None else f'{mr:.2f}×'} | {'–' if mm is None else f'{mm:.3f}'} |")
+    return "\n".join(rows)
+
+
+def format_successors(res: dict) -> str:
+    "A markdown table of the successors' step times beside MoPoE's, measured in the same interleaved rounds."
+    names = res["settings"]["successors"]
+    rows = ["| M | mopoe (ms/step) | " + " | ".join(f"{n} (ms/step, × mopoe)" for n in names) + " |",
+            "|---|---|" + "---|" * len(names)]
+    for r in res["results"]:
+        tm = r["times"]
+        mp = tm["mopoe"]["median"]
+        rows.append(f"| {r['M']} | {1000 * mp:.1f} | " + " | ".join(
+            f"{1000 * tm[n]['median']:.1f} ({tm[n]['median'] / mp:.2f}×)" for n in names) + " |")
     return "\n".join(rows)
 
 
@@ -457,6 +491,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: batch 8, latent 16, M = 2 3, 2 repeats, 1 thread, memory of bare and mopoe at M=2")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--successors", action="store_true",
+                   help=f"also time the registered objectives of {', '.join(SUCCESSORS)} beside MoPoE (issue 29)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "M"), help=argparse.SUPPRESS)
     p.add_argument("--trainer-ab", nargs="+", default=None, metavar="TREE",
                    help="time mopoe.train's step in this tree and in these checkouts (alternating child interpreters)")
@@ -468,6 +504,7 @@ def parse_args(argv=None):
         a.batch, a.latent, a.repeats, a.modalities, a.threads = 8, 16, 2, [2, 3], 1
         a.memory_variants = ["bare", "mopoe", "mopoe_masked"]
     if a.memory_modalities is None: a.memory_modalities = a.modalities[:1] if a.quick else list(a.modalities)
+    a.successors = registered_successors() if a.successors else []
     return a
 
 
@@ -491,6 +528,7 @@ def main(argv=None):
     res = run(args)
     print()
     print(format_table(res))
+    if args.successors: print(); print(format_successors(res))
     for k, v in res["targets"].items(): print(f"{k}: {v['value']:.3f} -> {'met' if v['met'] else 'MISSED'}")
     if args.json:
         with open(args.json, "w") as f: json.dump(res, f, indent=1)
