@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import TINY
+import mopoe.codevae  # noqa: F401  (registers 'code_vae' whichever loader the trainer uses)
+import mopoe.mmvm  # noqa: F401  (registers 'mmvm')
 from mopoe.train import load_run, main, resolve_config, run
 
 SMALL = {**TINY, "num_train": 64, "num_test": 64}          # 2 steps of 32 per epoch
@@ -35,11 +37,13 @@ def _finite_metrics(metrics):
 
 
 def _same_loss(model, reloaded, data):
-    "The trained and the reloaded model give the same test loss terms with the same draws."
-    from mopoe.train import test_loss
-    torch.manual_seed(0); a = test_loss(model, data, 32, torch.device("cpu"), beta=1.0)
-    torch.manual_seed(0); b = test_loss(reloaded, data, 32, torch.device("cpu"), beta=1.0)
-    assert a == b and math.isfinite(a["loss"]), (a, b)
+    "The trained and the reloaded model give the same loss terms on a test batch with the same draws."
+    x, _ = data[torch.arange(min(32, len(data)))]
+    model.eval(); reloaded.eval()
+    with torch.no_grad():
+        torch.manual_seed(0); a = model.loss(x, beta=1.0)[1]
+        torch.manual_seed(0); b = reloaded.loss(x, beta=1.0)[1]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a) and torch.isfinite(a["loss"]), (a, b)
 
 
 @pytest.mark.slow
@@ -91,3 +95,19 @@ def test_mmvm_through_the_command(data_dir, tmp_path):
     saved = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert saved["written_by"] == "mopoe-train" and saved["config"]["objective"] == "mmvm"
     assert load_run(tmp_path / "cli").model.objective.alpha.item() == 0.25
+
+
+@pytest.mark.slow
+def test_code_vae_trains_evaluates_and_reloads_its_subset_weights(data_dir, tmp_path):
+    cfg = _config("code_vae", data_dir, tmp_path / "run", objective_options="rho=0.4,entropy_weight=1.0", lr=0.05)
+    res = run(cfg, callbacks=_own_callbacks(cfg), progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["config"]["objective"] == "code_vae" and saved["config"]["objective_options"] == "entropy_weight=1.0,rho=0.4"
+    _finite_metrics(saved["metrics"])
+    h = saved["history"][0]
+    assert h["train_weight_max"] > h["train_weight_min"] > 0 and 0 < h["train_weights_entropy"] <= math.log(7) + 1e-6
+    model, _, _, _ = load_run(tmp_path / "run")
+    assert type(model.objective).__name__ == "CoDEVAE" and model.objective.rho == 0.4
+    trained = res["model"].objective.subset_weights().detach()
+    assert torch.equal(model.objective.subset_weights().detach(), trained) and trained.max() > trained.min()
+    _same_loss(res["model"], model, res["data"][1])
