@@ -12,7 +12,6 @@ __all__ = ['MAX_MODALITIES', 'LOGVAR_MIN', 'LOGVAR_MAX', 'LOGVAR_LEAK', 'PRIOR_E
 import functools
 import itertools
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -49,17 +48,6 @@ def allowed_subsets(mask: Tensor, observed: Tensor) -> Tensor:
         raise ValueError(f"observed must be (B, {mask.shape[1]}) bool, got shape {tuple(observed.shape)}")
     outside = (~observed).to(torch.float32) @ mask.to(torch.float32, copy=False).T.to(observed.device)   # members not observed
     return outside == 0
-
-# %% ../nbs/01_experts.ipynb #c009d
-_MOVED_TO_OBJECTIVES = ("OBJECTIVES", "RENAMED_OBJECTIVES", "objective_name", "objective_subsets")
-
-def __getattr__(name):
-    "Old imports of the objective names from `mopoe.experts` still work, with a DeprecationWarning (they moved to `mopoe.objectives`)."
-    if name not in _MOVED_TO_OBJECTIVES: raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"mopoe.experts.{name} moved to mopoe.objectives (import it from there)", DeprecationWarning, stacklevel=2)
-    from . import objectives
-    if name == "OBJECTIVES": return objectives.PAPER_OBJECTIVES          # it was the tuple of the paper's four names
-    return getattr(objectives, name)
 
 # %% ../nbs/01_experts.ipynb #c011
 LOGVAR_MIN, LOGVAR_MAX = -20.0, 20.0

@@ -9,7 +9,7 @@ import torch
 
 from mopoe.learner import HOOKS, kl_weight
 from mopoe.train import resolve_config, run, train
-from mopoe.train import test_loss as epoch_test_loss
+from mopoe.train import dataset_loss
 from toys import INFO, ToyPairs
 
 DATA = (ToyPairs(64, 0), ToyPairs(16, 1), INFO)
@@ -72,7 +72,7 @@ def test_beta_has_one_owner_and_the_records_state_it(tmp_path):
     assert "beta" not in vars(res["model"])                                # the model holds no β of its own
     # the test terms of the last record are the model's test loss at that β (reproduced from the final model up to the
     # sampling noise of z, which is far smaller than what a different β would change)
-    at = lambda beta: epoch_test_loss(res["model"], data[1], cfg.batch_size, torch.device("cpu"), beta=beta)
+    at = lambda beta: dataset_loss(res["model"], data[1], cfg.batch_size, torch.device("cpu"), beta=beta)
     again, other = at(recs[-1]["beta"]), at(0.0)
     assert math.isclose(again["loss"], -again["rec"] + recs[-1]["beta"] * again["kl"], rel_tol=1e-5)
     assert abs(again["loss"] - recs[-1]["test_loss"]) < 0.2 * abs(other["loss"] - recs[-1]["test_loss"]), (again, other, recs[-1])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mopoe.io
+import mopoe.build
 import mopoe.train as T
 from mopoe.io import DiskFullError, content_digest, load_verified
 from mopoe.train import CheckpointError, load_checkpoint, read_results, resolve_config, sweep_config, train
@@ -223,7 +224,7 @@ def test_results_and_sweep_files(tmp_path):
     (dict(out_dir=""), "out_dir must be a folder name"),
 ])
 def test_bad_config_is_refused_before_any_work(options, message, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "build_data", lambda cfg: pytest.fail("data was built"))
+    monkeypatch.setattr(mopoe.build, "build_data", lambda cfg: pytest.fail("data was built"))
     with pytest.raises(ValueError) as e:
         T.run(dict(dict(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data")), **options))
     assert message in str(e.value)
@@ -231,7 +232,7 @@ def test_bad_config_is_refused_before_any_work(options, message, tmp_path, monke
 
 
 def test_paths_are_checked_before_anything_is_created(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "build_data", lambda cfg: pytest.fail("data was built"))
+    monkeypatch.setattr(mopoe.build, "build_data", lambda cfg: pytest.fail("data was built"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="out_dir .*file' exists and is not a folder"):
         T.run(resolve_config(out_dir=str(tmp_path / "file"), data_dir=str(tmp_path / "data")))

@@ -2,7 +2,6 @@
 unexpected – `~` in out_dir, two processes in one folder, evaluating a damaged run, resuming with fewer epochs, a
 checkpoint that does not state how to rebuild its model, paths taken from a checkpoint. Real processes where the
 case is about processes."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mopoe.io import RunLockedError, run_lock, save_verified, load_verified
-from mopoe.train import CheckpointError, evaluate_saved, load_run, main_eval, resolve_config, train, _parser
+from mopoe.train import CheckpointError, evaluate_saved, load_run, main_eval, resolve_config, train
 from toys import INFO, ToyPairs
 
 DATA = (ToyPairs(64, 0), ToyPairs(16, 1), INFO)
@@ -166,14 +165,14 @@ def test_temp_files_of_killed_writes_are_cleaned_on_the_next_start(tmp_path):
     assert not (out / ".checkpoint.pt.new").exists()
 
 
-def test_old_option_names_work_on_the_command_line():
-    "The README's `powerset` and the options' old names still parse (DeprecationWarning)."
-    args = vars(_parser("t", "", ["objective", "encoder_init", "loglik_samples"]).parse_args(
-        ["--model", "powerset", "--encoders", "paper", "--num_samples", "3"]))
-    with pytest.warns(DeprecationWarning):
-        cfg = resolve_config(args)
+def test_old_option_names_are_refused_with_their_name_today(capsys):
+    "The names retired in 0.1 are refused before any work, naming today's option; stored configs still read them."
+    from mopoe.train import main, stored_options
+    assert main(["--model", "mvae", "--objective", "mopoe"]) == 2           # never trains MVAE under a rename warning
+    assert "unrecognized arguments: --model mvae" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'model' is now called 'objective'"): resolve_config(model="mvae", objective="mopoe")
+    cfg = resolve_config(stored_options({"model": "powerset", "encoders": "paper", "num_samples": 3}))
     assert (cfg.objective, cfg.encoder_init, cfg.loglik_samples) == ("subset_elbos", "paper", 3)
-    assert dataclasses.asdict(cfg)["objective"] == "subset_elbos"
 
 
 def test_sweep_outside_the_repository_fails_before_creating_anything(tmp_path):

@@ -45,12 +45,12 @@ def test_an_option_added_later_keeps_old_run_folders_and_checkpoints(tmp_path):
     cfg = resolve_config(dataset="mnist_svhn_text", epochs=1, batch_size=16, latent_dim=4, device="cpu",
                          out_dir=str(tmp_path / "run"), seed=1)
     from pathlib import Path
-    from mopoe.train import renamed_options, OPTIONS, RENAMED_OPTIONS
+    from mopoe.train import stored_options
     committed = sorted((Path(__file__).resolve().parents[1] / "results").glob("**/results.json"))
     assert len(committed) >= 20
     for f in committed:                          # every committed run folder keeps its key (options added or renamed later)
         saved = json.loads(f.read_text())
-        c = resolve_config(renamed_options({k: v for k, v in saved["config"].items() if k in OPTIONS or k in RENAMED_OPTIONS}, warn=False))
+        c = resolve_config(stored_options(saved["config"]))
         assert config_key(c) == saved["config_key"], f
     assert config_key(dataclasses.replace(cfg, complete_only=True, complete_only_repeat=True)) != config_key(dataclasses.replace(cfg, complete_only=True))
     data = (ToyPairs(48, 0), ToyPairs(16, 1), INFO)

@@ -157,8 +157,8 @@ def test_polymnist_generated_from_torchvision_mnist(tmp_path):
     tr, te, info = get_datasets("polymnist", root=tmp_path, source="generated", num_modalities=3, num_train=50,
                                 num_test=20, download=False)
     assert info.source == "generated" and not info.paper_data and "torchvision's MNIST" in info.note
-    from mopoe.train import data_label, resolve_config                # a run on it is labelled: not the released files
-    assert "generated with Appendix D's recipe" in data_label(resolve_config(dataset="polymnist", source="generated"), info)
+    from mopoe.train import resolve_config, stand_in_label            # a run on it is labelled: not the released files
+    assert "generated with Appendix D's recipe" in stand_in_label(resolve_config(dataset="polymnist", source="generated"), info)
     for ds, split in ((tr, "train"), (te, "test")):
         X, y = mn[split]
         mi = ds.meta["mnist_index"].numpy()                        # (N, M) indices into the IDX files
