@@ -8,7 +8,6 @@ __all__ = ['LOGLIK_PROPOSALS', 'default_rec_weights', 'maximal_rows', 'Multimoda
 # %% ../nbs/04_model.ipynb #c002
 import math
 import numbers
-import warnings
 
 import torch
 from fastcore.basics import patch
@@ -36,17 +35,15 @@ def maximal_rows(mask: Tensor) -> Tensor:
 class MultimodalVAE(nn.Module):
     "A multimodal VAE over dicts of encoders/decoders/likelihoods with the objective of `objective`."
     def __init__(self, encoders: dict, decoders: dict, likelihoods: dict, latent_dim: int, private_dim: int = 0,
-                 objective: str | Objective = "mopoe", beta: float | None = None, rec_weights: dict | None = None,
+                 objective: str | Objective = "mopoe", rec_weights: dict | None = None,
                  prior_expert: str = "auto", sampling: str = "stratified", shapes: dict | None = None, kl: str = "auto",
                  private_kl_weights: dict | None = None, check_inputs: bool = True, **objective_options):
         super().__init__()
+        _check_args(encoders, decoders, latent_dim, private_dim)
         names = list(encoders)
         if len(names) < 2: raise ValueError(f"a multimodal VAE needs at least 2 modalities, got {names}")
         for what, d in (("decoders", decoders), ("likelihoods", likelihoods)) + ((("rec_weights", rec_weights),) if rec_weights else ()):
             if set(d) != set(names): raise ValueError(f"{what} are given for {sorted(d)} but the encoders for {sorted(names)}")
-        if beta is not None:
-            warnings.warn("MultimodalVAE(beta=...) is ignored: the model holds no beta; pass it to the loss, model.loss(x, beta=...)",
-                          DeprecationWarning, stacklevel=2)
         defaults = {"prior_expert": "auto", "kl": "auto", "sampling": "stratified"}     # only options set explicitly are passed
         options = {k: v for k, v in dict(prior_expert=prior_expert, kl=kl, sampling=sampling).items() if v != defaults[k]}
         self.objective = get_objective(objective, **options, **objective_options)
@@ -57,7 +54,7 @@ class MultimodalVAE(nn.Module):
         self.latent_dim, self.private_dim = latent_dim, private_dim
         self.prior_expert = getattr(self.objective, "prior_expert", "none")
         self.sampling, self.kl = getattr(self.objective, "sampling", "stratified"), getattr(self.objective, "kl", "auto")
-        self.rec_weights = {m: float((rec_weights or {}).get(m, 1.0)) for m in names}
+        self.rec_weights = _check_weights(rec_weights, names, "rec_weights")
         self.private_kl_weights = _check_weights(private_kl_weights, names, "private_kl_weights")
         self.shapes = {m: tuple(s) for m, s in shapes.items()} if shapes else None
         self.check_inputs = bool(check_inputs)
@@ -76,12 +73,27 @@ class MultimodalVAE(nn.Module):
 
 # %% ../nbs/04_model.ipynb #c008c_1
 def _check_weights(weights, names, what):
+    "Per-modality weights: a dict over the modalities (missing ones 1), each a finite number >= 0 (ValueError naming it)."
     if weights is None: return {m: 1.0 for m in names}
     if not isinstance(weights, dict) or set(weights) - set(names):
         raise ValueError(f"{what} must be a dict over the modalities {names}, got {weights!r}")
-    out = {m: float(weights.get(m, 1.0)) for m in names}
-    if not all(math.isfinite(v) and v >= 0 for v in out.values()): raise ValueError(f"{what} must be finite and >= 0, got {weights}")
+    out = {}
+    for m in names:
+        v = weights.get(m, 1.0)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{what}[{m!r}] must be a finite number >= 0, got {v!r}")
+        out[m] = float(v)
     return out
+
+def _check_args(encoders, decoders, latent_dim, private_dim):
+    "The constructor's arguments, each checked by name before anything is built."
+    for what, d in (("encoders", encoders), ("decoders", decoders)):
+        if not isinstance(d, dict): raise TypeError(f"{what} must be a dict {{modality: nn.Module}}, got {type(d).__name__}")
+        if bad := [m for m, net in d.items() if not isinstance(net, nn.Module)]:
+            raise TypeError(f"{what} of {bad} are not nn.Module instances")
+    for name, v, low in (("latent_dim", latent_dim, 1), ("private_dim", private_dim, 0)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")
 
 # %% ../nbs/04_model.ipynb #c010
 @patch

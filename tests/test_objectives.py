@@ -106,8 +106,9 @@ def test_training_step_reads_no_device_value(objective):
 
 
 def test_model_beta_is_the_callers():
-    with pytest.warns(DeprecationWarning, match="holds no beta"):
-        model = _model("mopoe", beta=5.0)
+    with pytest.raises(ValueError, match="takes the options"):
+        _model("mopoe", beta=5.0)                                      # the model holds no beta: not an option
+    model = _model("mopoe")
     x, _ = _batch()
     torch.manual_seed(0); a = model(x)[0]
     torch.manual_seed(0); b = model(x, beta=1.0)[0]
