@@ -148,7 +148,7 @@ OBJECTIVES: dict = {}                                                    # name 
 OBJECTIVE_CLASSES = OBJECTIVES                                           # the earlier name of the registry
 PAPER_OBJECTIVES = ("mopoe", "mvae", "mmvae", "subset_elbos")             # the paper's four (the old `mopoe.experts.OBJECTIVES`)
 RENAMED_OBJECTIVES = {"powerset": "subset_elbos"}                        # old name -> new name (accepted with a DeprecationWarning)
-OBJECTIVE_MODULES = ["mopoe.mmjsd", "mopoe.mmvaeplus", "mopoe.mmvm", "mopoe.codevae"]   # modules whose classes register themselves
+OBJECTIVE_MODULES = ["mopoe.mmjsd", "mopoe.mmvaeplus", "mopoe.mmvm", "mopoe.codevae", "mopoe.cmvae"]
 
 def load_objectives() -> dict:
     "Import the modules of OBJECTIVE_MODULES (those that exist) so that their objectives are registered; returns OBJECTIVES."

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import TINY
-import mopoe.codevae  # noqa: F401  (registers 'code_vae' whichever loader the trainer uses)
+import mopoe.cmvae  # noqa: F401  (registers 'cmvae' whichever loader the trainer uses)
+import mopoe.codevae  # noqa: F401  (registers 'code_vae')
 import mopoe.mmvm  # noqa: F401  (registers 'mmvm')
 from mopoe.train import load_run, main, resolve_config, run
 
@@ -111,3 +112,22 @@ def test_code_vae_trains_evaluates_and_reloads_its_subset_weights(data_dir, tmp_
     trained = res["model"].objective.subset_weights().detach()
     assert torch.equal(model.objective.subset_weights().detach(), trained) and trained.max() > trained.min()
     _same_loss(res["model"], model, res["data"][1])
+
+
+@pytest.mark.slow
+def test_cmvae_trains_evaluates_reloads_predicts_and_prunes_clusters(data_dir, tmp_path):
+    from mopoe.cmvae import predict_clusters, prune_clusters
+    cfg = _config("cmvae", data_dir, tmp_path / "run", private_dim=4, objective_options="num_clusters=5")
+    res = run(cfg, callbacks=_own_callbacks(cfg), progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["config"]["objective"] == "cmvae" and saved["history"][0]["train_clusters_active"] == 5
+    _finite_metrics(saved["metrics"])
+    model, _, _, _ = load_run(tmp_path / "run")
+    assert type(model.objective).__name__ == "CMVAE" and model.objective.num_clusters == 5
+    assert torch.equal(model.objective.cluster_means.detach(), res["model"].objective.cluster_means.detach())
+    _same_loss(res["model"], model, res["data"][1])
+    x, y = res["data"][1][torch.arange(32)]
+    clusters, post = predict_clusters(model, x)
+    assert clusters.shape == (32,) and post.shape == (5, 3, 32) and clusters.max() < 5
+    h = prune_clusters(model, res["data"][0], beta=cfg.beta, batch_size=32)
+    assert sorted(h) == [2, 3, 4, 5] and int(model.objective.cluster_active.sum()) == min(h, key=h.get)
