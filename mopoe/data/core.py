@@ -439,7 +439,7 @@ def show_tuples(ds, info: DatasetInfo, n: int = 8, idx=None, seed: int = 0, titl
                 im = x[m][c].permute(1, 2, 0).numpy()
                 ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1)
             if c == 0: ax.set_ylabel(info.display_name(m), fontsize=8)
-            if r == 0 and not info.multilabel: ax.set_title(f"label {int(y[c])}", fontsize=8)
+            if r == 0 and not info.multilabel: ax.set_title(f"label {int(y[c])}" if int(y[c]) >= 0 else "label ?", fontsize=8)
     syn = [m for m in info.modalities if info.synthetic.get(m)]
     title = title or f"{info.name} [{info.source}]: {info.sizes.get('train')} train / {info.sizes.get('test')} test" + \
         (f" – synthetic stand-in ({', '.join(syn)})" if syn else "" if info.paper_data else " – not the paper's data")
