@@ -152,26 +152,33 @@ def run_parts(model_or_run, config=None, info=None) -> RunParts:
 
 # %% ../nbs/11_hub.ipynb #h012
 def _flag(v) -> str:
-    return "true" if v is True else "false" if v is False else "None" if v is None else shlex.quote(str(v))
+    "A value as the shell should see it: K=4,estimator='dreg' goes in double quotes, not shlex's '\"'\"' chains."
+    if v is True or v is False or v is None: return {True: "true", False: "false", None: "None"}[v]
+    s = str(v)
+    if shlex.quote(s) != s and "'" in s and not any(c in s for c in '"$`\\!'): return f'"{s}"'
+    return shlex.quote(s)
+
+_PRESET_FILLED = ("objective_options", "amsgrad", "likelihood_scale")  # set by an objective's paper preset too
 
 def _same_run(a: dict, b: dict) -> bool: return {**a, "resume": False} == {**b, "resume": False}
 
 def train_options(cfg) -> dict:
-    "The fewest options that resolve to config `cfg` (its `resume` aside), in declaration order."
+    "The options that resolve to config `cfg` (its `resume` aside): those off their defaults, less the preset's values."
     want = asdict(resolve_config(cfg))
-    opts = {k: v for k, v in want.items() if k != "resume" and v != OPTIONS[k].default}
-    for k in list(opts):
-        trial = {j: v for j, v in opts.items() if j != k}
-        try:
-            if _same_run(asdict(resolve_config(trial)), want): opts = trial
-        except ConfigError: pass                                 # needed by another option given
-    if not _same_run(asdict(resolve_config(opts)), want): raise AssertionError(f"no options reproduce {want}")
-    return opts
+    given = {k: v for k, v in want.items() if k != "resume" and v != OPTIONS[k].default}
+    fixed = {k: v for k, v in given.items() if k not in _PRESET_FILLED and OPTIONS[k].default not in (None, "auto")}
+    try:
+        filled = asdict(resolve_config(fixed))                   # what the preset makes of the rest
+        short = {k: v for k, v in given.items() if k in fixed or filled[k] != v}
+    except ConfigError: short = given
+    for opts in (short, given, {k: v for k, v in want.items() if k != "resume"}):
+        if _same_run(asdict(resolve_config(opts)), want): return opts
+    raise AssertionError(f"no options reproduce {want}")
 
 # %% ../nbs/11_hub.ipynb #h012_1
-def train_command(cfg, notebook: bool = False) -> str:
+def train_command(cfg, notebook: bool = False, opts: dict | None = None) -> str:
     "The `mopoe-train` command (or with `notebook`, the papermill command of nbs/train.ipynb) that trains `cfg`."
-    opts = train_options(cfg)
+    opts = train_options(cfg) if opts is None else opts
     if notebook: return "papermill nbs/train.ipynb out.ipynb" + "".join(f" -p {k} {_flag(v)}" for k, v in opts.items())
     return "mopoe-train" + "".join(f" --{k} {_flag(v)}" for k, v in opts.items())
 
@@ -186,7 +193,7 @@ def _data_facts(cfg: TrainConfig, info: dict, results: dict | None) -> dict:
 
 def pretrained_config(parts: RunParts, weights: bytes) -> dict:
     "The config.json of a pretrained folder: format, architecture, build options, config, info, weights, training."
-    cfg = asdict(parts.config)
+    cfg, opts = asdict(parts.config), train_options(parts.config)
     res = parts.results or {}
     return {"format": PRETRAINED_FORMAT, "library_name": "mopoe", "mopoe_version": __version__,
             "architecture": ARCHITECTURE,
@@ -197,8 +204,8 @@ def pretrained_config(parts: RunParts, weights: bytes) -> dict:
                         "tensors": len(parts.model.state_dict()),
                         "parameters": sum(p.numel() for p in parts.model.parameters())},
             "trained": {"epoch": parts.epoch, "steps": parts.steps, "written_by": res.get("written_by"),
-                        "command": train_command(parts.config, notebook=res.get("written_by") == "notebook"),
-                        "mopoe_train_command": train_command(parts.config), "no_results": parts.no_results}}
+                        "command": train_command(parts.config, res.get("written_by") == "notebook", opts),
+                        "mopoe_train_command": train_command(parts.config, opts=opts), "no_results": parts.no_results}}
 
 # %% ../nbs/11_hub.ipynb #h016
 def card_metrics(results: dict | None) -> list:
