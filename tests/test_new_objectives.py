@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY
+import mopoe.clustering  # noqa: F401  (registers the metric 'clustering')
 import mopoe.cmvae  # noqa: F401  (registers 'cmvae' whichever loader the trainer uses)
 import mopoe.codevae  # noqa: F401  (registers 'code_vae')
 import mopoe.mmvm  # noqa: F401  (registers 'mmvm')
@@ -131,3 +132,18 @@ def test_cmvae_trains_evaluates_reloads_predicts_and_prunes_clusters(data_dir, t
     assert clusters.shape == (32,) and post.shape == (5, 3, 32) and clusters.max() < 5
     h = prune_clusters(model, res["data"][0], beta=cfg.beta, batch_size=32)
     assert sorted(h) == [2, 3, 4, 5] and int(model.objective.cluster_active.sum()) == min(h, key=h.get)
+
+
+@pytest.mark.slow
+def test_clustering_metric_through_run_for_a_baseline_and_cmvae(data_dir, tmp_path):
+    "metrics=...,clustering: k-means scores for every objective (MoPoE here), and CMVAE's own clusters beside them."
+    for objective, private, opts in (("mopoe", 0, ""), ("cmvae", 4, "num_clusters=5")):
+        cfg = _config(objective, data_dir, tmp_path / objective, metrics="latent,clustering", private_dim=private,
+                      objective_options=opts)
+        run(cfg, callbacks=_own_callbacks(cfg), progress=False)
+        res = json.loads((tmp_path / objective / "results.json").read_text())["metrics"]["clustering"]
+        assert res["k"] == 10 and res["n"] == 64 and list(res["kmeans"]) == ["mnist", "svhn", "text", "mnist,svhn,text"]
+        for s in res["kmeans"].values():
+            assert 0 <= s["accuracy"] <= 1 and -1 <= s["ari"] <= 1 and 0 <= s["nmi"] <= 1 and s["clusters"] == 10
+        assert ("own" in res) == (objective == "cmvae")
+        if objective == "cmvae": assert 1 <= res["own"]["clusters"] <= 5 and 0 < res["own"]["accuracy"] <= 1
