@@ -278,9 +278,9 @@ def model_card(meta: dict, results: dict | None = None, repo_id: str | None = No
                      "stand_in_data": data["stand_in"], "epochs_trained": tr["epoch"], "steps": tr["steps"]}
     first = data["label"] if data["stand_in"] else f"Trained on the paper's data: {data['provenance']}"
     where = json.dumps(repo_id or "path/to/this/folder")
-    def n(k, word): return f"{k} {word}{'' if k == 1 else 's'}"
-    how_long = (f" for {n(tr['epoch'], 'epoch')}" if tr["epoch"] is not None else "") + (
-        f" ({n(tr['steps'], 'step')})" if tr["steps"] is not None else "")
+    def count(k, word): return f"{k} {word}{'' if k == 1 else 's'}"
+    how_long = (f" for {count(tr['epoch'], 'epoch')}" if tr["epoch"] is not None else "") + (
+        f" ({count(tr['steps'], 'step')})" if tr["steps"] is not None else "")
     lines = ["---", *yaml_lines(head), "---", first, "",
              f"# {name}", "",
              f"A multimodal VAE over {', '.join(meta['info'].get('modalities', []))} ({data['name']}) with a "
@@ -307,7 +307,7 @@ def model_card(meta: dict, results: dict | None = None, repo_id: str | None = No
         ev = results.get("evaluated_epoch")
         lines += [f"From the run's `results.json` (epoch {ev}, {results['metrics'].get('n', {}).get('test', '?')} test "
                   f"tuples; every number is in `{RESULTS_NAME}`):", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {n} | {v:.4g} |" for _, n, _, v in metrics]
+        lines += [f"| {name_} | {v:.4g} |" for _, name_, _, v in metrics]
     else: lines.append(f"No metrics: {tr['no_results'] or 'the run was not evaluated'}.")
     lines += ["", "## Files", "", "| file | content |", "|---|---|",
               f"| `{WEIGHTS_NAME}` | {w['tensors']} tensors, {w['parameters']:,} parameters, {w['bytes']:,} bytes, "
@@ -315,14 +315,15 @@ def model_card(meta: dict, results: dict | None = None, repo_id: str | None = No
               f"| `{CONFIG_NAME}` | the options that build the model, the run's config, the dataset description |"]
     if results: lines.append(f"| `{RESULTS_NAME}` | the run's results (config, data, history, metrics) |")
     lines += [f"| `{CARD_NAME}` | this card |", "",
-              "No file here is a pickle: mopoe reads only `config.json` and `model.safetensors`, and refuses a folder "
-              "whose tensors do not match the model its config builds.", ""]
+              "No file here is a pickle: mopoe reads the JSON files and `model.safetensors` only, and refuses a "
+              "folder whose tensors do not match the model its config builds.", ""]
     return "\n".join(lines)
 
 # %% ../nbs/11_hub.ipynb #h019
 def check_new_folder(out: Path) -> None:
     "Refuse an `out` that exists and is not an empty folder (nothing is overwritten)."
-    if out.exists() or out.is_symlink():
+    if out.is_symlink(): raise FileExistsError(f"{out} is a symbolic link; choose a new or empty folder")
+    if out.exists():
         if not out.is_dir(): raise FileExistsError(f"{out} exists and is not a folder; choose a new or empty folder")
         if any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite it (choose a new or empty "
