@@ -74,15 +74,29 @@ class Learner:
         self.step = start_epoch * steps_per_epoch
         self.epoch, self.batch, self.loss, self.logs, self.record, self.beta = start_epoch, None, None, None, None, None
         self.stop, self.error, self.results, self._hooks = False, None, None, None
-        self._sums, self._keys, self._n = None, None, 0
+        self._rows, self._sizes, self._keys, self._partial = [], [], None, (0, None)
         for k, v in extra.items(): setattr(self, k, v)
 
     def __call__(self, hook: str):
         for cb, f in (self._hooks or hook_table(self.callbacks))[hook]: _call(cb, hook, f, self)
 
+    def epoch_sums(self):
+        "The batch-size-weighted sums of the loss terms over the epoch's steps so far: (terms,) on the device, or None."
+        i, sums = self._partial                              # extended from where the last call stopped, in step order
+        for v, b in zip(self._rows[i:], self._sizes[i:]):
+            v = v * b; sums = v if sums is None else sums + v
+        self._partial = (len(self._rows), sums)
+        return sums
+
     def running_mean(self, key: str = "loss"):
         "The epoch's running mean of a loss term so far: a 0-dim device tensor (reading it is the caller's host read)."
-        return self._sums[self._keys.index(key)] / max(self._n, 1) if self._sums is not None else None
+        sums = self.epoch_sums()
+        return None if sums is None else sums[self._keys.index(key)] / max(sum(self._sizes), 1)
+
+    def step_losses(self, start: int = 0):
+        "The losses of the epoch's steps from `start` on: (steps,) on the device (empty: None)."
+        rows = self._rows[start:]
+        return torch.stack(rows)[:, self._keys.index("loss")] if rows else None
 
     def evaluate(self, fn):
         "`results = fn(self)` (an evaluation of the trained model), kept as `self.results`; then `after_eval`."
@@ -104,19 +118,16 @@ def one_batch(self: Learner):
     self("after_backward")
     self.optimizer.step()
     self.step += 1
-    b = _batch_size(x)
     self._keys = self._keys or list(self.logs)
-    v = torch.stack([self.logs[k].detach().float() for k in self._keys]) * b      # (terms,): stays on the device
-    self._sums = v if self._sums is None else self._sums + v
-    self._n += b
-    self._trace.append(self.logs["loss"].detach().float())
+    self._rows.append(torch.stack([self.logs[k].detach().float() for k in self._keys]))   # (terms,): on the device
+    self._sizes.append(_batch_size(x))
     self("after_batch")
 
 # %% ../nbs/07a_learner.ipynb #c014
 @patch
 def one_epoch(self: Learner):
     "The batches of one epoch, then (if none was cut short) its record, appended to `history`, and after_epoch."
-    self._sums, self._keys, self._n, self._trace, self.record = None, None, 0, [], None
+    self._rows, self._sizes, self._keys, self._partial, self.record = [], [], None, (0, None), None
     t0 = time.time()
     self("before_epoch")
     self.model.train()
@@ -125,13 +136,13 @@ def one_epoch(self: Learner):
         self.one_batch()
         done += 1
         if self.stop: break
-    if done < self.steps_per_epoch or self._sums is None: return      # stopped part-way: no record, no checkpoint
-    sums = self._sums.tolist()                                         # the epoch's one read of the loss terms
+    if done < self.steps_per_epoch or not self._rows: return          # stopped part-way: no record, no checkpoint
+    sums, n = self.epoch_sums().tolist(), sum(self._sizes)             # the epoch's one read of the loss terms
     rec = {"epoch": self.epoch + 1, "step": self.step, "beta": float(self.beta),
-           **{f"train_{k}": s / self._n for k, s in zip(self._keys, sums)}}
+           **{f"train_{k}": s / n for k, s in zip(self._keys, sums)}}
     if self.test_fn is not None: rec.update({f"test_{k}": v for k, v in self.test_fn(self.beta).items()})
     rec["seconds"] = time.time() - t0
-    rec["step_losses"] = [round(v, 3) for v in torch.stack(self._trace).tolist()]
+    rec["step_losses"] = [round(v, 3) for v in self.step_losses().tolist()]
     self.record = rec
     self.history.append(rec)
     self("after_epoch")
@@ -174,22 +185,21 @@ class KLSchedule(Callback):
 
 # %% ../nbs/07a_learner.ipynb #c024
 class NaNCheck(Callback):
-    "Stop the run with FloatingPointError when a loss is not finite; reads the device flag every `sync_every` steps."
+    "Stop the run with FloatingPointError when a loss is not finite; reads the step losses every `sync_every` steps."
     order = -10
     def __init__(self, sync_every: int = 50, where: str = ""): self.sync_every, self.where = max(1, int(sync_every)), where
 
-    def before_epoch(self, learn): self.bad, self.first = None, learn.step + 1
+    def before_epoch(self, learn): self.first, self.seen = learn.step + 1, 0
 
-    def after_backward(self, learn):
-        flag = ~torch.isfinite(learn.loss.detach())
-        self.bad = flag if self.bad is None else self.bad | flag
-        if (learn.step + 1) % self.sync_every == 0: self._check(learn, learn.step + 1)
+    def after_batch(self, learn):
+        if learn.step % self.sync_every == 0: self._check(learn, learn.step)
 
     def _check(self, learn, last):
-        if self.bad is not None and bool(self.bad):
+        losses = learn.step_losses(self.seen)                   # the unchecked steps' losses, one read for all of them
+        if losses is not None and not bool(torch.isfinite(losses).all()):
             raise FloatingPointError(f"non-finite loss at epoch {learn.epoch + 1}, within global steps {self.first}..{last}"
                                      f"{'; the last checkpoint in ' + self.where + ' is kept' if self.where else ''}")
-        self.first = last + 1
+        self.first, self.seen = last + 1, len(learn._rows)
 
     def after_epoch(self, learn): self._check(learn, learn.step)
 
