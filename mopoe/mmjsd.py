@@ -9,23 +9,29 @@ __all__ = ['dynamic_prior', 'jensen_shannon', 'MMJSD']
 import torch
 from torch import Tensor
 
-from .experts import allowed_subsets, component_ids, precisions, rsample, subset_mask
+from .experts import allowed_subsets, bounded_logvar, component_ids, precisions, rsample, subset_mask
 from .objectives import Objective, _logs, register_objective
 
 # %% ../nbs/02c_mmjsd.ipynb #c005
+def _centred(mu: Tensor, P: Tensor, weights: Tensor):
+    "(c, d, wP, T): a centre c (B, D), the means' offsets d = mu - c, the weighted precisions w_k T_k and their sum T."
+    wP = weights.to(P.dtype)[..., None] * P                              # (K, B, D)
+    mu = mu.to(P.dtype)
+    c = mu.gather(0, wP.argmax(0, keepdim=True))[0].detach()             # the mean of the expert that weighs most
+    return c, mu - c, wP, wP.sum(0)
+
 def dynamic_prior(mu: Tensor, logvar: Tensor, weights: Tensor):
     "The weights (K, B)-weighted geometric mean of the Gaussians (K, B, D): Gaussian with precision sum_k w_k T_k; (mu, T) each (B, D)."
-    P = precisions(logvar)                                               # (K, B, D)
-    w = weights.to(P.dtype)[..., None]                                   # (K, B, 1)
-    T = (w * P).sum(0)
-    return (w * P * mu.to(P.dtype)).sum(0) / T, T
+    c, d, wP, T = _centred(mu, precisions(logvar), weights)
+    return c + (wP * d).sum(0) / T, T
 
 # %% ../nbs/02c_mmjsd.ipynb #c008
 def jensen_shannon(mu: Tensor, logvar: Tensor, weights: Tensor) -> Tensor:
     "sum_k w_k KL(q_k || f), f the w-weighted geometric mean of the Gaussians q_k (K, B, D), weights (K, B): (B,)."
-    fm, fT = dynamic_prior(mu, logvar, weights)
     P = precisions(logvar)
-    kl = 0.5 * (torch.log(P / fT) + fT * (P.reciprocal() + (mu.to(P.dtype) - fm) ** 2) - 1).sum(-1)   # (K, B)
+    _, d, wP, fT = _centred(mu, P, weights)
+    gap = d - (wP * d).sum(0) / fT                                        # mu_k - mu_f, both measured from the centre
+    kl = 0.5 * (torch.log(P / fT) + fT * (P.reciprocal() + gap ** 2) - 1).sum(-1)   # (K, B)
     w = weights.to(kl.dtype)
     return (torch.where(w > 0, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)) * w).sum(0)
 
@@ -58,7 +64,7 @@ class MMJSD(Objective):
         if ids is None: ids = component_ids(M, B, self.sampling, mu.device, allowed)
         rows = torch.arange(B, device=mu.device)
         expert = mask.long().argmax(-1)[ids]                                # each row's unimodal expert
-        z = rsample(mu[expert, rows], logvar[expert, rows])
+        z = rsample(mu[expert, rows], bounded_logvar(logvar[expert, rows]))   # bounded, as every other posterior sample
         rec = log_lik(z)
         on = torch.ones(M, B, dtype=mu.dtype, device=mu.device) if observed is None else observed.T.to(mu.dtype)
         a, p = (1.0, 1.0) if self.prior_weight is None else ((1 - self.prior_weight) / M, self.prior_weight)
