@@ -34,9 +34,14 @@ def _import(name: str, where: str):
     except Exception as e:
         raise PluginError(f"plugin {name!r} ({where}) could not be imported: {type(e).__name__}: {e}") from e
 
+_FOUND: dict = {}                                            # tuple(sys.path) -> the entry points found on it
+
 def entry_point_plugins() -> list:
-    "The installed entry points of the group `mopoe.plugins` (importlib.metadata), sorted by name."
-    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    "The installed entry points of the group `mopoe.plugins` (importlib.metadata), sorted by name; read once per sys.path."
+    key = tuple(sys.path)
+    if key not in _FOUND:                                    # scanning every distribution costs ~20 ms: once is enough
+        _FOUND[key] = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    return _FOUND[key]
 
 # %% ../nbs/00a_plugins.ipynb #c009
 def load_plugins(plugins=()) -> list:
