@@ -1,0 +1,602 @@
+"""mopoe beside MultiVae on identical networks: the same loss first, then step time and quality (issue 31).
+
+One command builds mopoe's networks for a dataset preset (`mopoe.train.resolve_config` + `build_model`), hands deep
+copies of the very same modules (same initial weights) to MultiVae's model of the same objective
+(`multivae_pairs.py`), feeds both the same batches in the same order, and reports, in this order:
+
+1. **The equal-loss check** (before anything is timed): on one batch, both libraries' loss and gradients given the
+   same draws – MoPoE: MultiVae's own row-to-subset assignment (captured from its selection method) handed to mopoe's
+   objective; MMVAE+: MultiVae's own Laplace noise handed to mopoe; MVAE: the same seed. Complete data and, with the
+   same masks (MultiVae's `IncompleteDataset` masks = mopoe's `observed`), incomplete data. Also printed: how many rows
+   MultiVae's contiguous blocks give each subset and the full set, against Eq. 6's B/K. A failed check stops the run
+   before any timing (exit 1), so a speed ratio never compares different work.
+2. **Step time** (zero_grad + loss + backward + Adam step), interleaved rounds in one process: every contestant of a
+   setting runs its steps in each round (order rotated and reversed every round), on the same cycled batches; the
+   median over rounds per contestant, and two ratios MultiVae / mopoe: of the medians, and the median of the per-round
+   ratios. mopoe's MoPoE is timed twice: with the exact subset-average KL (`kl=subset_average`, the work MultiVae
+   does – the loss-checked pair) and with its default (`kl=auto`: sampled above 31 subsets, M >= 6).
+3. **Quality after N steps** (MoPoE): both trained from the same initial weights on the same batches in the same order
+   (each with its own random stream), then both scored by mopoe's evaluator (`mopoe.metric.evaluate`) with the same
+   classifiers (`mopoe.evaluate.train_classifiers`): coherence by number of inputs, latent classification, joint
+   coherence, log p(X) (FID with `--fid`). Seeds as an option; mean ± s.d. per library, the difference, a Welch t-test
+   (scipy); a difference is called a lead only with >= 2 seeds a side and p < 0.05.
+
+Usage:
+    python benchmarks/peers/multivae_compare.py --smoke                  # every stage at tiny sizes (CI, < 1 min)
+    python benchmarks/peers/multivae_compare.py --stages check,speed --speed-modalities 3 5 8 10
+    python benchmarks/peers/multivae_compare.py --stages check,quality --quality-modalities 5 --steps 1500 --seeds 0 1 2
+Needs the optional extra: pip install -e ".[peers]" (MultiVae).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import multivae_pairs as P  # noqa: E402
+
+STAGES = ("check", "speed", "quality")
+SMOKE = dict(speed_modalities=[3], check_modalities=[3], quality_modalities=3, batch_size=16, latent_dim=16,
+             num_train=256, num_test=64, steps=6, seeds=[0, 1], rounds=2, steps_per_round=1, speed_batches=2,
+             classifier_epochs=1, eval_max_test=32, loglik_max_test=4, num_latent_train=64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setup
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, every stage, M = 3 (CI)")
+    p.add_argument("--stages", default="check,speed,quality",
+                   help="comma list of check, speed, quality (check always runs first)")
+    p.add_argument("--dataset", default="polymnist", help="a registered mopoe dataset (its cpu preset and networks)")
+    p.add_argument("--source", default="offline")
+    p.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
+    p.add_argument("--pairs", default="mopoe,mvae,mmvaeplus,mmvae",
+                   help="objectives to check and time: mopoe, mvae, mmvaeplus, mmvae (mmvae: timed apart, no check)")
+    p.add_argument("--check-modalities", type=int, nargs="+", default=None,
+                   help="M of the check (default: the speed M's and the quality M)")
+    p.add_argument("--speed-modalities", type=int, nargs="+", default=[3, 5, 8, 10])
+    p.add_argument("--quality-modalities", type=int, default=5)
+    p.add_argument("--missing-rate", type=float, default=0.25,
+                   help="masked settings: each modality of a tuple missing with this probability")
+    p.add_argument("--quality-missing-rate", type=float, default=0.0,
+                   help="train the quality pair on incomplete tuples (0: complete)")
+    p.add_argument("--latent-dim", type=int, default=None,
+                   help="latent size (default: the preset's; MMVAE+: half shared, half private)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--num-train", type=int, default=8000)
+    p.add_argument("--num-test", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds (median over them)")
+    p.add_argument("--steps-per-round", type=int, default=1)
+    p.add_argument("--speed-batches", type=int, default=4, help="distinct batches the timed steps cycle through")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of the quality stage")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--classifier-epochs", type=int, default=3)
+    p.add_argument("--eval-max-test", type=int, default=1000)
+    p.add_argument("--loglik-max-test", type=int, default=100)
+    p.add_argument("--num-latent-train", type=int, default=500)
+    p.add_argument("--fid", action="store_true", help="also FID (slow on a CPU; needs the fid extra)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-abort", action="store_true",
+                   help="time even if the equal-loss check fails (reported as failed)")
+    p.add_argument("--json", default=None, help="write the results here (rewritten after every stage)")
+    p.add_argument("--md", default=None, help="write the printed tables here as markdown (rewritten after every stage)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        for k, v in SMOKE.items():
+            if k == "check_modalities" or getattr(a, k) == p.get_default(k): setattr(a, k, v)
+    a.stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    if bad := [s for s in a.stages if s not in STAGES]: p.error(f"unknown stages {bad}; choose from {STAGES}")
+    a.pairs = [s.strip() for s in a.pairs.split(",") if s.strip()]
+    if bad := [s for s in a.pairs if s not in P.PAIRS or s == "mopoe_auto"]: p.error(f"unknown pairs {bad}")
+    if a.check_modalities is None:
+        a.check_modalities = sorted(set((a.speed_modalities if "speed" in a.stages else [])
+                                        + ([a.quality_modalities] if "quality" in a.stages else [])))
+    return a
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError: pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "gpu": None, "loadavg_start": list(os.getloadavg())}
+
+
+def versions() -> dict:
+    import torch
+    import mopoe
+    out = {"mopoe": getattr(mopoe, "__version__", "?"), "multivae": P.multivae_version(), "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+        out["pythae"] = version("pythae")
+    except Exception: pass
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        out["mopoe_commit"] = head or None
+    except OSError: out["mopoe_commit"] = None
+    return out
+
+
+_DATA = {}
+
+
+def load_data(args, M: int, num_train: int, num_test: int):
+    "(train, test, info) of the dataset, cached per (M, sizes) in this process."
+    from mopoe.data import get_datasets
+    key = (M, num_train, num_test)
+    if key not in _DATA:
+        opts = {"num_modalities": M} if args.dataset == "polymnist" else {}
+        _DATA[key] = get_datasets(args.dataset, root=args.data_dir, source=args.source, num_train=num_train,
+                                  num_test=num_test, **opts)
+    return _DATA[key]
+
+
+def resolve(args, pair: str, M: int, seed: int = 0):
+    "The resolved mopoe config of `pair` on the dataset preset (latent, batch from the preset unless given)."
+    from mopoe.train import resolve_config
+    opts = {"num_modalities": M} if args.dataset == "polymnist" else {}
+    base = resolve_config(dataset=args.dataset, source=args.source, **opts)
+    D = args.latent_dim or base.latent_dim
+    if pair == "mmvaeplus": kw = dict(latent_dim=max(1, D // 2), private_dim=max(1, D - D // 2))
+    else: kw = dict(latent_dim=D, private_dim=0)
+    kl = "subset_average" if pair == "mopoe" else "auto"
+    return resolve_config(dataset=args.dataset, source=args.source, objective=P.MOPOE_OBJECTIVE[pair], kl=kl, seed=seed,
+                          data_dir=args.data_dir, batch_size=args.batch_size or base.batch_size,
+                          **opts, **kw)
+
+
+def build_pair(args, pair: str, M: int, info, seed: int = 0):
+    "(cfg, mopoe model, MultiVae model) with the same initial weights."
+    import torch
+    from mopoe.train import build_model
+    cfg = resolve(args, pair, M, seed)
+    torch.manual_seed(seed)
+    model = build_model(cfg, info)
+    mv = P.multivae_from(pair, model, cfg.beta) if pair != "mopoe_auto" else None
+    if mv is not None and not P.same_weights(model, mv):
+        raise RuntimeError(f"{pair}: the MultiVae copy differs from mopoe's modules")
+    return cfg, model, mv
+
+
+def fixed_batches(train, n: int, B: int, M: int, rate: float, seed: int):
+    "n batches of B tuples (the first n*B of a seeded permutation), with rate > 0 their masks; missing entries zeroed."
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)[: n * B]
+    out = []
+    for i in range(n):
+        x, _ = train[idx[i * B:(i + 1) * B]]
+        obs = P.make_missing(B, M, rate, seed + 1000 + i) if rate > 0 else None
+        out.append((P.zero_missing(x, obs, list(x)), obs))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# printing
+
+class Report:
+    "Prints markdown and keeps it (and the JSON results) for the files."
+    def __init__(self, args):
+        self.args, self.lines, self.res = args, [], {}
+
+    def say(self, text=""):
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, header, rows):
+        self.say("| " + " | ".join(header) + " |")
+        self.say("|" + "---|" * len(header))
+        for r in rows: self.say("| " + " | ".join(str(c) for c in r) + " |")
+        self.say()
+
+    def save(self):
+        if self.args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
+            with open(self.args.json + ".tmp", "w") as f: json.dump(self.res, f, indent=1, default=str)
+            os.replace(self.args.json + ".tmp", self.args.json)
+        if self.args.md:
+            os.makedirs(os.path.dirname(os.path.abspath(self.args.md)), exist_ok=True)
+            with open(self.args.md + ".tmp", "w") as f: f.write("\n".join(self.lines) + "\n")
+            os.replace(self.args.md + ".tmp", self.args.md)
+
+
+def fmt(v, d=4):
+    if v is None or (isinstance(v, float) and math.isnan(v)): return "–"
+    if isinstance(v, float): return f"{v:.{d}g}" if abs(v) < 1e4 else f"{v:,.1f}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. the equal-loss check
+
+def stage_check(args, rep: Report) -> bool:
+    rep.say("## 1. Equal loss on the same batch, given the same draws (before anything is timed)")
+    rep.say()
+    rep.say("Per example, float32, one batch of the training set, same initial weights. MoPoE: MultiVae's own "
+            "row-to-subset assignment handed to mopoe's objective (`ids`), mopoe with the exact subset-average KL "
+            "(MultiVae's); MVAE: the same seed; MMVAE+: MultiVae's own Laplace noise handed to mopoe (`noise`). "
+            "Masked rows: the same masks in both (each modality missing with probability "
+            f"{args.missing_rate}, at least "
+            "one kept). Gradient gap: max |g_mopoe − g_MultiVae| over all network parameters / max |g_mopoe|. "
+            "'mopoe, own draw': mopoe's loss with its own stratified assignment (an unforced step).")
+    rep.say()
+    rows, out, ok_all = [], [], True
+    for M in args.check_modalities:
+        train, _, info = load_data(args, M, min(args.num_train, 1024), min(args.num_test, 64))
+        for pair in [p for p in args.pairs if p != "mmvae"]:
+            for masked in (False, True):
+                if pair == "mvae" and masked: continue
+                cfg, model, mv = build_pair(args, pair, M, info, seed=0)
+                (x, obs), = fixed_batches(train, 1, cfg.batch_size, M, args.missing_rate if masked else 0.0, seed=7)
+                t = time.perf_counter()
+                r = P.check_pair(pair, model, mv, x, obs, cfg.beta, seed=11)
+                r.update(seconds=time.perf_counter() - t, ok=P.tolerance_ok(r))
+                ok_all &= r["ok"]
+                out.append(r)
+                rps = r.get("rows_per_subset")
+                blocks = (f"{rps['min']}–{rps['max']} (full set {rps['full_set']}; Eq. 6: {rps['eq6_expected']:.2f})"
+                          if rps and not masked else ("random among available" if rps else "–"))
+                rows.append([M, pair, "masked" if masked else "complete", f"{r['mopoe']:.3f}", f"{r['multivae']:.3f}",
+                             f"{r['abs_diff']:.2g}", f"{r['rel_diff']:.1e}", f"{r['grad_rel_gap']:.1e}", blocks,
+                             f"{r['mopoe_own_draw']:.3f}", "equal" if r["ok"] else "**DIFFERENT**"])
+                del model, mv; gc.collect()
+    rep.table(["M", "pair", "data", "mopoe loss", "MultiVae loss", "|Δ|", "rel. Δ", "grad gap",
+               "MultiVae rows per subset", "mopoe, own draw", "verdict"], rows)
+    rep.say("Not checked: MMVAE – " + P.ESTIMATOR_NOTES["mmvae"])
+    rep.say("MVAE with masks – " + P.ESTIMATOR_NOTES["mvae"].split(". ", 1)[1])
+    rep.say()
+    rep.say(f"**Check: {'passed' if ok_all else 'FAILED'}** (tolerance: rel. Δ ≤ 1e-5, gradient gap ≤ 1e-3).")
+    rep.say()
+    rep.res["check"] = {"rows": out, "passed": ok_all, "tolerance": {"rel": 1e-5, "grad": 1e-3}}
+    return ok_all
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. step time
+
+class Stepper:
+    "One model's training step on cycled batches with its own Adam and its own random stream."
+    def __init__(self, loss_fn, params, lr, batches, seed):
+        import torch
+        self.loss_fn, self.batches, self.i = loss_fn, batches, 0
+        self.opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
+        g = torch.Generator().manual_seed(seed)
+        self.rng = g.get_state()
+
+    def __call__(self, batch=None):
+        import torch
+        x, obs = self.batches[self.i % len(self.batches)] if batch is None else batch
+        self.i += 1
+        keep = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(x, obs)
+        loss.backward()
+        self.opt.step()
+        self.rng = torch.get_rng_state()
+        torch.set_rng_state(keep)
+        return loss.detach()
+
+
+def mopoe_loss_fn(model, beta):
+    return lambda x, obs: model.loss(x, beta=beta, observed=obs)[0]
+
+
+def multivae_loss_fn(pair, mv, names):
+    return lambda x, obs: P.multivae_loss(pair, mv, x, obs, names)
+
+
+def interleaved(fns: dict, rounds: int, steps: int) -> dict:
+    "Seconds per step of each closure: a warm-up step each, then `rounds` rounds (order rotated, reversed every other)."
+    for f in fns.values(): f()
+    names, per = list(fns), {n: [] for n in fns}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        if r % 2: order = order[::-1]
+        for n in order:
+            gc.collect()
+            t = time.perf_counter()
+            for _ in range(steps): fns[n]()
+            per[n].append((time.perf_counter() - t) / steps)
+    return per
+
+
+def stage_speed(args, rep: Report):
+    rep.say("## 2. Step time, interleaved in one process")
+    rep.say()
+    rep.say("One training step = zero_grad + loss + backward + Adam step; "
+            f"{args.rounds} rounds × {args.steps_per_round} "
+            f"step(s) after one warm-up step each, every contestant of a setting in each round (order rotated and "
+            f"reversed every other round), {args.speed_batches} batches cycled in the same order for all; median "
+            "ms/step; ratio = MultiVae / mopoe: of the medians, and the median of the per-round ratios. "
+            "'mopoe (exact KL)' is the loss-checked pair (the work MultiVae does); 'mopoe default' is kl=auto "
+            f"(sampled KL above 31 subsets). Masked: each modality missing with probability {args.missing_rate}.")
+    rep.say()
+    rows, apart, out = [], [], []
+    for M in args.speed_modalities:
+        train, _, info = load_data(args, M, min(args.num_train, 1024), min(args.num_test, 64))
+        for masked in (False, True):
+            fns, meta = {}, {}
+            for pair in args.pairs + (["mopoe_auto"] if "mopoe" in args.pairs and M > 5 else []):
+                if pair == "mvae" and masked: continue
+                if pair == "mmvae" and masked: continue
+                cfg, model, mv = build_pair(args, pair, M, info, seed=0)
+                rate = args.missing_rate if masked else 0.0
+                batches = fixed_batches(train, args.speed_batches, cfg.batch_size, M, rate, seed=5)
+                fns[(pair, "mopoe")] = Stepper(mopoe_loss_fn(model, cfg.beta), model.parameters(), cfg.lr, batches, 1)
+                if mv is not None:
+                    fns[(pair, "multivae")] = Stepper(multivae_loss_fn(pair, mv, list(model.modalities)),
+                                                      mv.parameters(), cfg.lr, batches, 1)
+                meta[pair] = dict(batch=cfg.batch_size, latent=cfg.latent_dim, private=cfg.private_dim)
+            t0 = time.perf_counter()
+            per = interleaved(fns, args.rounds, args.steps_per_round)
+            wall = time.perf_counter() - t0
+            med = {k: statistics.median(v) for k, v in per.items()}
+            setting = "masked" if masked else "complete"
+            for pair in meta:
+                a = med[(pair, "mopoe")]
+                b = med.get((pair, "multivae"))
+                if pair == "mopoe_auto": b = med.get(("mopoe", "multivae"))
+                rr = None
+                if b is not None:
+                    other = (pair, "multivae") if pair != "mopoe_auto" else ("mopoe", "multivae")
+                    rr = statistics.median(y / x for x, y in zip(per[(pair, "mopoe")], per[other]))
+                row = {"M": M, "setting": setting, "pair": pair, **meta[pair], "mopoe_ms": 1e3 * a,
+                       "multivae_ms": None if b is None else 1e3 * b, "ratio_of_medians": None if b is None else b / a,
+                       "median_of_round_ratios": rr, "rounds_s": {"mopoe": per[(pair, "mopoe")],
+                                                                   "multivae": per.get((pair, "multivae"))}}
+                out.append(row)
+                label = {"mopoe": "MoPoE (mopoe exact KL)", "mopoe_auto": "MoPoE (mopoe default kl=auto)",
+                         "mvae": "MVAE", "mmvaeplus": "MMVAE+", "mmvae": "MMVAE"}[pair]
+                cells = [M, setting, label, f"{1e3 * a:.0f}", "–" if b is None else f"{1e3 * b:.0f}",
+                         "–" if b is None else f"{b / a:.2f}×", "–" if rr is None else f"{rr:.2f}×"]
+                (apart if pair == "mmvae" else rows).append(cells)
+            rep.res.setdefault("speed_wall_s", {})[f"{M}_{setting}"] = wall
+            print(f"   [M={M} {setting}: {wall:.0f} s]", flush=True)
+            del fns; gc.collect()
+        rep.res["speed"] = out
+        rep.save()
+    hdr = ["M", "data", "objective", "mopoe ms/step", "MultiVae ms/step", "MultiVae / mopoe (medians)",
+           "MultiVae / mopoe (median of rounds)"]
+    rep.table(hdr, rows)
+    if apart:
+        why = P.ESTIMATOR_NOTES["mmvae"].split(": ", 1)[1].split(". No")[0]
+        rep.say(f"Different work, not a speed ratio ({why}):")
+        rep.say()
+        rep.table(hdr, apart)
+    rep.res["speed"] = out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. quality after N steps
+
+def train_pair(args, M, seed, train, info, rep):
+    "Train mopoe's and MultiVae's MoPoE from the same initial weights on the same batches, interleaved step by step."
+    import torch
+    cfg, model, mv = build_pair(args, "mopoe", M, info, seed=seed)
+    names = list(model.modalities)
+    B, N = cfg.batch_size, args.steps
+    obs_all = P.make_missing(len(train), M, args.quality_missing_rate, seed) if args.quality_missing_rate > 0 else None
+    a = Stepper(mopoe_loss_fn(model, cfg.beta), model.parameters(), cfg.lr, None, seed=seed + 100)
+    b = Stepper(multivae_loss_fn("mopoe", mv, names), mv.parameters(), cfg.lr, None, seed=seed + 200)
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = len(train) // B
+    hist = {"mopoe": [], "multivae": []}
+    ta = tb = 0.0
+    run_a = run_b = 0.0
+    n_in = 0
+    step = 0
+    while step < N:
+        perm = torch.randperm(len(train), generator=g)
+        for i in range(per_epoch):
+            if step >= N: break
+            idx = perm[i * B:(i + 1) * B]
+            x, _ = train[idx]
+            obs = None if obs_all is None else obs_all[idx]
+            batch = (P.zero_missing(x, obs, names), obs)
+            t = time.perf_counter(); la = a(batch); ta += time.perf_counter() - t
+            t = time.perf_counter(); lb = b(batch); tb += time.perf_counter() - t
+            run_a += float(la); run_b += float(lb); n_in += 1
+            step += 1
+            if n_in == per_epoch or step == N:
+                hist["mopoe"].append(run_a / n_in); hist["multivae"].append(run_b / n_in)
+                print(f"   seed {seed} step {step}/{N}: training loss mopoe {run_a / n_in:.2f}, "
+                      f"MultiVae {run_b / n_in:.2f} "
+                      f"({1e3 * ta / step:.0f} / {1e3 * tb / step:.0f} ms a step)", flush=True)
+                run_a = run_b = 0.0; n_in = 0
+    return cfg, model, mv, hist, {"mopoe_ms": 1e3 * ta / N, "multivae_ms": 1e3 * tb / N}
+
+
+def summarize(res: dict, M: int, fid: bool) -> dict:
+    "The scalar metrics of one evaluate() result."
+    out = {}
+    coh = res.get("coherence", {})
+    for k in range(1, M):
+        out[f"coherence_{k}"] = coh.get("by_size", {}).get("excl_target", {}).get(str(k))
+    out["joint_coherence"] = coh.get("joint")
+    for k in range(1, M + 1):
+        out[f"latent_{k}"] = res.get("latent", {}).get("by_size", {}).get(str(k))
+    ll = res.get("loglik", {})
+    out["loglik_X"] = ll.get("X")
+    out["loglik_one_input"] = ll.get("by_size", {}).get("1")
+    if fid and "fid" in res:
+        f = res["fid"]
+        unc = f.get("unconditional", {})
+        vals = [v.get("fid") if isinstance(v, dict) else v for v in unc.values()]
+        vals = [v for v in vals if isinstance(v, (int, float))]
+        out["fid_prior_mean"] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def welch(a: list, b: list):
+    "Welch's t-test p-value (scipy), None with fewer than 2 values a side or no spread."
+    if len(a) < 2 or len(b) < 2: return None
+    import warnings
+    from scipy import stats
+    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0: return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # nearly identical samples: scipy's precision warning
+        return float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+
+
+def ms(v: list) -> str:
+    if not v: return "–"
+    m = statistics.fmean(v)
+    if len(v) == 1: return fmt(m)
+    return f"{fmt(m)} ± {statistics.stdev(v):.2g}"
+
+
+def stage_quality(args, rep: Report):
+    from mopoe.evaluate import train_classifiers
+    from mopoe.metric import evaluate
+    M = args.quality_modalities
+    rep.say(f"## 3. Quality after {args.steps} steps (MoPoE, M = {M})")
+    rep.say()
+    train, test, info = load_data(args, M, args.num_train, args.num_test)
+    clf = train_classifiers(train, info, epochs=args.classifier_epochs,
+                            cache_dir=os.path.join(args.data_dir, "classifiers"),
+                            seed=0, test_ds=test, progress=False, max_train=None if not args.smoke else args.num_train)
+    metrics = "latent,coherence,loglik" + (",fid" if args.fid else "")
+    per_seed, hists = [], []
+    for seed in args.seeds:
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        cfg, model, mv, hist, speed = train_pair(args, M, seed, train, info, rep)
+        t_train = time.perf_counter() - t0
+        scored = {}
+        for lib, m in (("mopoe", model.eval()), ("multivae", P.mopoe_view("mopoe", mv, model))):
+            r = evaluate(m, train, test, info, clf, metrics=metrics, max_test=args.eval_max_test, seed=seed,
+                         max_test_loglik=args.loglik_max_test, num_latent_train=args.num_latent_train, progress=False)
+            scored[lib] = {"summary": summarize(r, M, args.fid), "n": r.get("n"), "time": r.get("time")}
+        per_seed.append({"seed": seed, "train_seconds": t_train, "cpu_seconds": cpu_seconds() - c0,
+                         "wall_seconds": time.perf_counter() - t0, "step_ms_in_training": speed, **scored,
+                         "training_loss_by_epoch": hist})
+        hists.append(hist)
+        rep.res["quality"] = {"M": M, "steps": args.steps, "seeds": args.seeds, "per_seed": per_seed}
+        rep.save()
+        del model, mv; gc.collect()
+    keys = list(per_seed[0]["mopoe"]["summary"])
+    label = {f"coherence_{k}": f"coherence, {k} input{'s' if k > 1 else ''}" for k in range(1, M)}
+    label.update({f"latent_{k}": f"latent classification, {k} input{'s' if k > 1 else ''}" for k in range(1, M + 1)})
+    label.update(joint_coherence="joint coherence", loglik_X="log p(X) (nats; proposal q(z|X))",
+                 loglik_one_input="log p(X), proposal from one input (mean)",
+                 fid_prior_mean="prior FID (mean over modalities)")
+    rows, table = [], []
+    for k in keys:
+        a = [s["mopoe"]["summary"][k] for s in per_seed if s["mopoe"]["summary"][k] is not None]
+        b = [s["multivae"]["summary"][k] for s in per_seed if s["multivae"]["summary"][k] is not None]
+        if not a or not b: continue
+        d = [y - x for x, y in zip(a, b)]
+        p = welch(a, b)
+        n = min(len(a), len(b))
+        if n < 2: verdict = "no test (1 seed): no lead"
+        elif p is not None and p < 0.05:
+            verdict = f"lead: {'MultiVae' if statistics.fmean(d) > 0 else 'mopoe'} (p < 0.05)"
+        else: verdict = "no lead"
+        rows.append({"metric": k, "mopoe": a, "multivae": b, "diff": d, "welch_p": p, "verdict": verdict})
+        table.append([label.get(k, k), ms(a), ms(b), ms(d), "–" if p is None else f"{p:.2g}", verdict])
+    rep.say(f"{len(args.seeds)} seed(s) {args.seeds}; each seed: both models from the same initial weights (mopoe's "
+            f"`build_model` at that seed), the same {args.steps} batches of "
+            f"{resolve(args, 'mopoe', M).batch_size} in the "
+            f"same order, Adam; scored by `mopoe.metric.evaluate` with the same classifiers (test accuracy "
+            f"{', '.join(f'{m} {v:.2f}' for m, v in (clf.scores or {}).items())}), the same evaluation seed; coherence "
+            "= targets outside the inputs. Δ = MultiVae − mopoe (per seed, paired), Welch's t-test on the two samples; "
+            "a lead needs ≥ 2 seeds a side and p < 0.05.")
+    rep.say()
+    rep.table(["metric", "mopoe", "MultiVae", "Δ (MultiVae − mopoe)", "Welch p", "verdict"], table)
+    last_a = [h["mopoe"][-1] for h in hists]
+    last_b = [h["multivae"][-1] for h in hists]
+    gaps = [[y - x for x, y in zip(h["mopoe"], h["multivae"])] for h in hists]
+    rep.say("Reported training loss of the last epoch (nats a tuple, each library's own estimator): "
+            f"mopoe {ms(last_a)}, "
+            f"MultiVae {ms(last_b)}; MultiVae − mopoe by epoch, over seeds: "
+            f"{min(min(g) for g in gaps):.1f} to {max(max(g) for g in gaps):.1f}.")
+    tr = [s["step_ms_in_training"] for s in per_seed]
+    rep.say("Step time inside the training loop (interleaved step by step): "
+            f"mopoe {ms([t['mopoe_ms'] for t in tr])} ms, "
+            f"MultiVae {ms([t['multivae_ms'] for t in tr])} ms.")
+    rep.say()
+    rep.res["quality"] = {"M": M, "steps": args.steps, "seeds": args.seeds, "per_seed": per_seed, "table": rows,
+                          "classifier_scores": clf.scores, "metrics": metrics,
+                          "missing_rate": args.quality_missing_rate}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    P.require_multivae()
+    import torch
+    torch.set_num_threads(args.threads)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    rep = Report(args)
+    cmd = "python benchmarks/peers/multivae_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rep.res.update(command=cmd, versions=versions(), machine=machine_info(args.threads),
+                   settings={k: v for k, v in vars(args).items() if k not in ("json", "md")},
+                   estimator_notes=P.ESTIMATOR_NOTES)
+    v = rep.res["versions"]
+    rep.say(f"# mopoe beside MultiVae on identical networks{' (smoke run)' if args.smoke else ''}")
+    rep.say()
+    rep.say(f"`{cmd}`")
+    rep.say()
+    mch = rep.res["machine"]
+    rep.say(f"mopoe {v['mopoe']} ({v.get('mopoe_commit')}), MultiVae {v['multivae']} (pythae {v.get('pythae')}), torch "
+            f"{v['torch']}; {mch['cpu']}, {mch['logical_cpus']} logical CPUs, {args.threads} thread(s) "
+            f"(OMP_NUM_THREADS={mch['OMP_NUM_THREADS']}), no GPU; load average at the start "
+            f"{', '.join(f'{x:.1f}' for x in mch['loadavg_start'])}. Dataset {args.dataset} ({args.source}).")
+    rep.say()
+    ok = stage_check(args, rep)
+    rep.res["cpu_seconds"] = {"check": cpu_seconds() - c0}
+    rep.save()
+    if not ok and not args.no_abort:
+        rep.say("The two libraries do not compute the same loss: nothing is timed (--no-abort to time anyway).")
+        rep.save()
+        return 1
+    if "speed" in args.stages:
+        c = cpu_seconds()
+        stage_speed(args, rep)
+        rep.res["cpu_seconds"]["speed"] = cpu_seconds() - c
+        rep.save()
+    if "quality" in args.stages:
+        c = cpu_seconds()
+        stage_quality(args, rep)
+        rep.res["cpu_seconds"]["quality"] = cpu_seconds() - c
+        rep.save()
+    rep.res["cpu_seconds"]["total"] = cpu_seconds() - c0
+    rep.res["wall_seconds"] = time.perf_counter() - t0
+    rep.res["machine"]["loadavg_end"] = list(os.getloadavg())
+    rep.say(f"CPU time of this process: {rep.res['cpu_seconds']['total'] / 60:.1f} min "
+            f"({', '.join(f'{k} {v / 60:.1f}' for k, v in rep.res['cpu_seconds'].items() if k != 'total')}); wall "
+            f"{rep.res['wall_seconds'] / 60:.1f} min; load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in rep.res['machine']['loadavg_end'])}.")
+    rep.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
