@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from .evaluate import Metric, register_metric, _loader, _mean, _slice_experts
+from .metric import Metric, mean_defined, register_metric, seeded_loader, slice_experts
 from .experts import subset_mask, subset_names
 from .io import CorruptFileError, load_verified, save_verified
 
@@ -314,7 +314,7 @@ def fid_sources(modalities: list, targets: list, all_subsets: bool = False) -> d
 class _ImageBatches:
     "Re-iterable batches of one modality's images from a dataset of (dict, label) items."
     def __init__(self, ds, m, batch_size): self.ds, self.m, self.batch_size = ds, m, batch_size
-    def __iter__(self): return (x[self.m] for x, _ in _loader(self.ds, self.batch_size))
+    def __iter__(self): return (x[self.m] for x, _ in seeded_loader(self.ds, self.batch_size))
 
 # %% ../nbs/10_fid.ipynb #f052
 def _prior_features(model, n: int, batch_size: int, targets: list, features) -> dict:
@@ -335,7 +335,7 @@ def fid_scores(ref: dict, prior: dict, moments: dict, source_sizes: dict, with_p
     for t, f in prior.items():
         if with_pr and min(len(f), len(ref[t])) > 3: uncond[t].update(precision_recall(ref[t], f))
     cond = {s: {t: {"fid": fid(t, *mom.stats()), "n": mom.n} for t, mom in d.items()} for s, d in moments.items()}
-    by_size = {str(k): _mean(v["fid"] for s, d in cond.items() if source_sizes[s] == k for v in d.values())
+    by_size = {str(k): mean_defined(v["fid"] for s, d in cond.items() if source_sizes[s] == k for v in d.values())
                for k in sorted(set(source_sizes.values()))}
     return {"unconditional": uncond, "conditional": cond, "by_size": by_size}
 
@@ -380,7 +380,7 @@ class FID(Metric):
     def batch(self, ctx, x, y, experts):
         k = min(len(y), self.n - self.seen)
         if k > 0:
-            xs, exs = {m: v[:k] for m, v in x.items()}, _slice_experts(experts, slice(0, k))
+            xs, exs = {m: v[:k] for m, v in x.items()}, slice_experts(experts, slice(0, k))
             for s, (given, ts) in self.sources.items():
                 gen = ctx.model.cond_generate(xs, given=given, experts=exs)
                 for t in ts: self.moments[s][t].add(self._features(gen[t]))
