@@ -12,8 +12,8 @@ import sys
 
 # %% ../nbs/00a_plugins.ipynb #c004
 ENTRY_POINT_GROUP = "mopoe.plugins"
-BUILTIN_PLUGINS = ("mopoe.objectives", "mopoe.mmjsd", "mopoe.mmvaeplus", "mopoe.data", "mopoe.loggers",
-                   "mopoe.evaluate", "mopoe.fid")
+BUILTIN_PLUGINS = ("mopoe.objectives", "mopoe.mmjsd", "mopoe.mmvaeplus", "mopoe.mmvm", "mopoe.codevae", "mopoe.cmvae",
+                   "mopoe.data", "mopoe.loggers", "mopoe.evaluate", "mopoe.clustering", "mopoe.fid")
 
 class PluginError(ImportError):
     "A plugin module could not be imported (the message names it, where it was declared, and why)."
