@@ -50,7 +50,7 @@ import multivae_pairs as P  # noqa: E402
 STAGES = ("check", "speed", "quality")
 SMOKE = dict(speed_modalities=[3], check_modalities=[3], quality_modalities=3, batch_size=16, latent_dim=16,
              num_train=256, num_test=64, steps=6, seeds=[0, 1], rounds=2, steps_per_round=1, speed_batches=2,
-             classifier_epochs=1, eval_max_test=32, loglik_max_test=4, num_latent_train=64)
+             round_seconds=0.0, classifier_epochs=1, eval_max_test=32, loglik_max_test=4, num_latent_train=64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,7 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=8000)
     p.add_argument("--num-test", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (median over them)")
-    p.add_argument("--steps-per-round", type=int, default=1)
+    p.add_argument("--steps-per-round", type=int, default=1, help="at least this many steps a contestant and round")
+    p.add_argument("--round-seconds", type=float, default=2.0,
+                   help="more steps a round for fast contestants: about this long (from the warm-up step's time)")
     p.add_argument("--speed-batches", type=int, default=4, help="distinct batches the timed steps cycle through")
     p.add_argument("--steps", type=int, default=1500, help="training steps of the quality stage")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -312,9 +314,12 @@ def multivae_loss_fn(pair, mv, names):
     return lambda x, obs: P.multivae_loss(pair, mv, x, obs, names)
 
 
-def interleaved(fns: dict, rounds: int, steps: int) -> dict:
+def interleaved(fns: dict, rounds: int, steps: int, round_seconds: float = 0.0) -> tuple:
     "Seconds per step of each closure: a warm-up step each, then `rounds` rounds (order rotated, reversed every other)."
-    for f in fns.values(): f()
+    n_steps = {}
+    for n, f in fns.items():
+        t = time.perf_counter(); f()
+        n_steps[n] = max(steps, int(round_seconds / max(time.perf_counter() - t, 1e-6)))
     names, per = list(fns), {n: [] for n in fns}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -322,18 +327,19 @@ def interleaved(fns: dict, rounds: int, steps: int) -> dict:
         for n in order:
             gc.collect()
             t = time.perf_counter()
-            for _ in range(steps): fns[n]()
-            per[n].append((time.perf_counter() - t) / steps)
-    return per
+            for _ in range(n_steps[n]): fns[n]()
+            per[n].append((time.perf_counter() - t) / n_steps[n])
+    return per, n_steps
 
 
 def stage_speed(args, rep: Report):
     rep.say("## 2. Step time, interleaved in one process")
     rep.say()
     rep.say("One training step = zero_grad + loss + backward + Adam step; "
-            f"{args.rounds} rounds × {args.steps_per_round} "
-            f"step(s) after one warm-up step each, every contestant of a setting in each round (order rotated and "
-            f"reversed every other round), {args.speed_batches} batches cycled in the same order for all; median "
+            f"{args.rounds} rounds of ≥ {args.steps_per_round} step(s) (≈ {args.round_seconds:g} s a contestant, "
+            "from its warm-up step) after one warm-up step each, every contestant of a setting in each round (order "
+            f"rotated and reversed every other round), {args.speed_batches} batches cycled in the same order for all; "
+            "median "
             "ms/step; ratio = MultiVae / mopoe: of the medians, and the median of the per-round ratios. "
             "'mopoe (exact KL)' is the loss-checked pair (the work MultiVae does); 'mopoe default' is kl=auto "
             f"(sampled KL above 31 subsets). Masked: each modality missing with probability {args.missing_rate}.")
@@ -355,7 +361,8 @@ def stage_speed(args, rep: Report):
                                                       mv.parameters(), cfg.lr, batches, 1)
                 meta[pair] = dict(batch=cfg.batch_size, latent=cfg.latent_dim, private=cfg.private_dim)
             t0 = time.perf_counter()
-            per = interleaved(fns, args.rounds, args.steps_per_round)
+            load = list(os.getloadavg())
+            per, n_steps = interleaved(fns, args.rounds, args.steps_per_round, args.round_seconds)
             wall = time.perf_counter() - t0
             med = {k: statistics.median(v) for k, v in per.items()}
             setting = "masked" if masked else "complete"
@@ -370,7 +377,10 @@ def stage_speed(args, rep: Report):
                 row = {"M": M, "setting": setting, "pair": pair, **meta[pair], "mopoe_ms": 1e3 * a,
                        "multivae_ms": None if b is None else 1e3 * b, "ratio_of_medians": None if b is None else b / a,
                        "median_of_round_ratios": rr, "rounds_s": {"mopoe": per[(pair, "mopoe")],
-                                                                   "multivae": per.get((pair, "multivae"))}}
+                                                                   "multivae": per.get((pair, "multivae"))},
+                       "steps_per_round": {"mopoe": n_steps[(pair, "mopoe")],
+                                           "multivae": n_steps.get((pair, "multivae"))},
+                       "loadavg_before": load}
                 out.append(row)
                 label = {"mopoe": "MoPoE (mopoe exact KL)", "mopoe_auto": "MoPoE (mopoe default kl=auto)",
                          "mvae": "MVAE", "mmvaeplus": "MMVAE+", "mmvae": "MMVAE"}[pair]
