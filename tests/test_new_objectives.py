@@ -1,7 +1,8 @@
 """The successors of issue 29 end to end: each trains through `mopoe.train.run` on a tiny MNIST-SVHN-Text set, is
-evaluated (latent, coherence, loglik), written to results.json and reloaded with `load_run`; MMVM's α schedule is
-stated in every epoch record, survives a resume, and the reloaded model keeps its α. The float64 per-tuple references,
-the masks and the NaN/1e30 leak tests are in the objectives' notebooks (nbs/02d_mmvm.ipynb, ...)."""
+evaluated (latent, coherence, loglik, clustering), written to results.json and reloaded with `load_run`; MMVM's α
+schedule – added by the trainer from `MMVM.run_callbacks` – is stated in every epoch record, survives a resume, and the
+reloaded model keeps its α. The objectives and the metric are found by name (the plugin loader's built-ins). The float64
+per-tuple references, the masks and the NaN/1e30 leak tests are in the notebooks (nbs/02d_mmvm.ipynb, 02e, 02f, 08b)."""
 import json
 import math
 
@@ -9,10 +10,6 @@ import pytest
 import torch
 
 from conftest import TINY
-import mopoe.clustering  # noqa: F401  (registers the metric 'clustering')
-import mopoe.cmvae  # noqa: F401  (registers 'cmvae' whichever loader the trainer uses)
-import mopoe.codevae  # noqa: F401  (registers 'code_vae')
-import mopoe.mmvm  # noqa: F401  (registers 'mmvm')
 from mopoe.train import load_run, main, resolve_config, run
 
 SMALL = {**TINY, "num_train": 64, "num_test": 64}          # 2 steps of 32 per epoch
@@ -22,13 +19,6 @@ METRICS = "latent,coherence,loglik"
 def _config(objective, data_dir, out, **kw):
     kw = {**SMALL, "metrics": METRICS, **kw}
     return resolve_config(**kw, objective=objective, data_dir=str(data_dir), out_dir=str(out))
-
-
-def _own_callbacks(cfg):
-    "The objective's own callbacks (the `run_callbacks` classmethod); passing them again beside the trainer's is harmless."
-    from mopoe.objectives import OBJECTIVES
-    hook = getattr(OBJECTIVES[cfg.objective], "run_callbacks", None)
-    return hook(cfg) if hook else []
 
 
 def _finite_metrics(metrics):
@@ -51,7 +41,7 @@ def _same_loss(model, reloaded, data):
 @pytest.mark.slow
 def test_mmvm_trains_evaluates_states_alpha_and_reloads(data_dir, tmp_path):
     cfg = _config("mmvm", data_dir, tmp_path / "run", epochs=2, objective_options="alpha_steps=2")
-    res = run(cfg, callbacks=_own_callbacks(cfg), progress=False)
+    res = run(cfg, progress=False)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["objective"] == "mmvm" and saved["config"]["objective_options"] == "alpha_steps=2"
     # steps 0, 1 at alpha 1, 0.5; steps 2, 3 at 0: every epoch record states the alpha of its last step
@@ -67,11 +57,11 @@ def test_mmvm_trains_evaluates_states_alpha_and_reloads(data_dir, tmp_path):
 def test_mmvm_alpha_schedule_continues_after_resume(data_dir, tmp_path):
     kw = dict(objective_options="alpha_start=0.9,alpha_end=0.1,alpha_steps=3", metrics="latent")
     whole = _config("mmvm", data_dir, tmp_path / "whole", epochs=3, **kw)
-    run(whole, callbacks=_own_callbacks(whole), progress=False)
+    run(whole, progress=False)
     first = _config("mmvm", data_dir, tmp_path / "parts", epochs=1, **kw)
-    run(first, callbacks=_own_callbacks(first), progress=False)
+    run(first, progress=False)
     rest = _config("mmvm", data_dir, tmp_path / "parts", epochs=3, resume=True, **kw)
-    run(rest, callbacks=_own_callbacks(rest), progress=False)
+    run(rest, progress=False)
     hist = [json.loads((tmp_path / d / "results.json").read_text())["history"] for d in ("whole", "parts")]
     expected = [0.9 - 0.8 * min(1.0, s / 3) for s in (1, 3, 5)]           # the last step of each epoch: 1, 3, 5
     for h in hist: assert [r["alpha"] for r in h] == pytest.approx(expected, abs=1e-12)
@@ -90,7 +80,7 @@ def test_mmvm_objective_options_are_checked_by_name():
 
 @pytest.mark.slow
 def test_mmvm_through_the_command(data_dir, tmp_path):
-    "mopoe-train --objective mmvm (a fixed alpha: correct with or without the trainer's run_callbacks hook)."
+    "mopoe-train --objective mmvm with a fixed alpha; the reloaded model keeps it."
     args = {**SMALL, "objective": "mmvm", "objective_options": "alpha_steps=0,alpha_end=0.25", "metrics": "latent",
             "data_dir": data_dir, "out_dir": tmp_path / "cli"}
     assert main([a for k, v in args.items() for a in (f"--{k}", str(v))]) == 0
@@ -102,7 +92,7 @@ def test_mmvm_through_the_command(data_dir, tmp_path):
 @pytest.mark.slow
 def test_code_vae_trains_evaluates_and_reloads_its_subset_weights(data_dir, tmp_path):
     cfg = _config("code_vae", data_dir, tmp_path / "run", objective_options="rho=0.4,entropy_weight=1.0", lr=0.05)
-    res = run(cfg, callbacks=_own_callbacks(cfg), progress=False)
+    res = run(cfg, progress=False)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["objective"] == "code_vae" and saved["config"]["objective_options"] == "entropy_weight=1.0,rho=0.4"
     _finite_metrics(saved["metrics"])
@@ -119,7 +109,7 @@ def test_code_vae_trains_evaluates_and_reloads_its_subset_weights(data_dir, tmp_
 def test_cmvae_trains_evaluates_reloads_predicts_and_prunes_clusters(data_dir, tmp_path):
     from mopoe.cmvae import predict_clusters, prune_clusters
     cfg = _config("cmvae", data_dir, tmp_path / "run", private_dim=4, objective_options="num_clusters=5")
-    res = run(cfg, callbacks=_own_callbacks(cfg), progress=False)
+    res = run(cfg, progress=False)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["objective"] == "cmvae" and saved["history"][0]["train_clusters_active"] == 5
     _finite_metrics(saved["metrics"])
@@ -140,7 +130,7 @@ def test_clustering_metric_through_run_for_a_baseline_and_cmvae(data_dir, tmp_pa
     for objective, private, opts in (("mopoe", 0, ""), ("cmvae", 4, "num_clusters=5")):
         cfg = _config(objective, data_dir, tmp_path / objective, metrics="latent,clustering", private_dim=private,
                       objective_options=opts)
-        run(cfg, callbacks=_own_callbacks(cfg), progress=False)
+        run(cfg, progress=False)
         res = json.loads((tmp_path / objective / "results.json").read_text())["metrics"]["clustering"]
         assert res["k"] == 10 and res["n"] == 64 and list(res["kmeans"]) == ["mnist", "svhn", "text", "mnist,svhn,text"]
         for s in res["kmeans"].values():
