@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CHECKPOINT', 'PREV_CHECKPOINT', 'RUN_FILES', 'CHECKPOINT_FORMAT', 'CheckpointError', 'save_checkpoint',
            'load_checkpoint', 'damaged_name', 'latest_checkpoint', 'rng_state', 'set_rng_state', 'seed_everything',
-           'folder_lock', 'holds_run', 'run_folder', 'check_out_dir', 'resume_from', 'Checkpointer', 'final_checkpoint',
+           'folder_lock', 'run_folder', 'check_out_dir', 'resume_from', 'Checkpointer', 'final_checkpoint',
            'saved_config']
 
 # %% ../nbs/07e_checkpoint.ipynb #c002
@@ -22,7 +22,7 @@ import torch
 
 from .build import dist_info
 from .config import BUILD_OPTIONS, OPTIONS, RESUMABLE_OPTIONS, TrainConfig, resolve_config, stored_options
-from .io import (LOCK_FILE, CorruptFileError, DiskFullError, clean_stale_temp, fsync_dir, load_verified, run_lock,
+from .io import (CorruptFileError, DiskFullError, clean_stale_temp, fsync_dir, load_verified, run_lock,
                       save_verified)
 from .learner import Callback, callback_states
 from .loggers import logger_files
@@ -124,22 +124,16 @@ def folder_lock(folder):
     "Hold the run folder's exclusive lock (mopoe.io.run_lock, re-entrant) for the block and clear what killed writes left."
     if dist_info()[1] != 0: yield; return                  # rank 0 holds it for all ranks
     folder = Path(folder)
-    made, had_lock = not folder.exists(), (folder / LOCK_FILE).exists()
+    made = not folder.exists()
     try:
-        with run_lock(folder) as held:
+        with run_lock(folder, run_files=RUN_FILES) as held:   # no lock is left in a folder that holds no run (mopoe.io)
             if held.stale and held.stale.get("pid") != os.getpid():
                 print(f"took over the lock of {folder} from PID {held.stale.get('pid')} (started {held.stale.get('started')}), "
                       "which ended without releasing it", file=sys.stderr)
-            if holds_run(folder): clean_stale_temp(folder)   # only in a run's folder: nobody else's files are touched
+            clean_stale_temp(folder, run_files=RUN_FILES)     # mopoe's own temp names, and only in a run's folder
             yield
-    finally:                                               # a folder (or lock) this call made and nothing was written: removed
-        if folder.is_dir() and not holds_run(folder) and not had_lock:
-            (folder / LOCK_FILE).unlink(missing_ok=True)
-            if made and not any(folder.iterdir()): folder.rmdir()
-
-def holds_run(folder) -> bool:
-    "Whether `folder` holds a run's files (a checkpoint or results)."
-    return any((Path(folder) / f).exists() for f in RUN_FILES)
+    finally:                                               # a folder this call made and nothing was written to: removed
+        if made and folder.is_dir() and not any(folder.iterdir()): folder.rmdir()
 
 @contextmanager
 def run_folder(cfg: TrainConfig):

@@ -175,10 +175,10 @@ class TensorBoardLogger(Logger):
         for k, v in flat_scalars(learn.results).items(): self.writer.add_scalar(f"eval/{k}", v, learn.step)
         self.writer.close()
 
-# %% ../nbs/07b_loggers.ipynb #c013
+# %% ../nbs/07b_loggers.ipynb #c014
 @register_logger
 class WandbLogger(Logger):
-    "An offline Weights & Biases run in out_dir/wandb (needs the package wandb)."
+    "An offline Weights & Biases run in out_dir/wandb (needs the package wandb), ended when the run is over."
     name, requires, files = "wandb", "wandb", ("wandb",)
     def __init__(self, out_dir, sync_every: int = 50):
         super().__init__(out_dir, sync_every); self.run = None
@@ -187,43 +187,63 @@ class WandbLogger(Logger):
         import wandb
         from dataclasses import asdict, is_dataclass
         cfg = asdict(learn.config) if is_dataclass(learn.config) else {}
-        self.run = wandb.init(project="mopoe", dir=str(self.out_dir), mode="offline", config=cfg)
+        self.run = wandb.init(project="mopoe", dir=str(self.out_dir), mode="offline", config=cfg, reinit="create_new")
     def after_epoch(self, learn):
         if self.run is not None: self.run.log(epoch_scalars(learn.record), step=learn.step)
     def after_eval(self, learn):
-        if self.run is not None: self.run.log({f"eval/{k}": v for k, v in flat_scalars(learn.results).items()}, step=learn.step)
+        if self.run is None: return
+        if learn.results: self.run.log({f"eval/{k}": v for k, v in flat_scalars(learn.results).items()}, step=learn.step)
+        self._end(0)
     def after_fit(self, learn):
-        if self.run is not None and learn.error is not None: self.run.finish(exit_code=1); self.run = None
-
-# %% ../nbs/07b_loggers.ipynb #c014
-@register_logger
-class MLflowLogger(Logger):
-    "A local MLflow run in out_dir/mlruns (needs the package mlflow)."
-    name, requires, files = "mlflow", "mlflow", ("mlruns",)
-    def __init__(self, out_dir, sync_every: int = 50):
-        super().__init__(out_dir, sync_every); self.active = False
-    def before_fit(self, learn):
-        if learn.rank != 0: return
-        import mlflow
-        from dataclasses import asdict, is_dataclass
-        mlflow.set_tracking_uri((self.out_dir / "mlruns").resolve().as_uri())
-        mlflow.start_run()
-        self.active = True
-        if is_dataclass(learn.config): mlflow.log_params({k: str(v) for k, v in asdict(learn.config).items()})
-    def after_epoch(self, learn):
-        if self.active:
-            import mlflow
-            mlflow.log_metrics(epoch_scalars(learn.record), step=learn.record["epoch"])
-    def after_eval(self, learn):
-        if self.active:
-            import mlflow
-            mlflow.log_metrics({f"eval/{k}".replace(",", "_"): v for k, v in flat_scalars(learn.results).items()})
-    def after_fit(self, learn):
-        if self.active and learn.error is not None:
-            import mlflow
-            mlflow.end_run(status="FAILED"); self.active = False
+        if learn.error is not None: self._end(1)
+        elif not getattr(learn, "evaluation_follows", False): self._end(0)
+    def _end(self, code: int):
+        if self.run is not None: self.run.finish(exit_code=code); self.run = None
 
 # %% ../nbs/07b_loggers.ipynb #c015
+class _FileStore:
+    "Opt in to MLflow's local file store (MLFLOW_ALLOW_FILE_STORE) for the block; the environment is restored after."
+    def __enter__(self):
+        self.old = os.environ.get("MLFLOW_ALLOW_FILE_STORE"); os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    def __exit__(self, *exc):
+        if self.old is None: os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+        else: os.environ["MLFLOW_ALLOW_FILE_STORE"] = self.old
+
+@register_logger
+class MLflowLogger(Logger):
+    "A local MLflow run in out_dir/mlruns (needs the package mlflow), ended when the run is over."
+    name, requires, files = "mlflow", "mlflow", ("mlruns",)
+    def __init__(self, out_dir, sync_every: int = 50):
+        super().__init__(out_dir, sync_every); self.client, self.run_id = None, None
+    def before_fit(self, learn):
+        if learn.rank != 0: return
+        from dataclasses import asdict, is_dataclass
+        from mlflow.tracking import MlflowClient
+        with _FileStore():
+            self.client = MlflowClient(tracking_uri=(self.out_dir / "mlruns").resolve().as_uri())
+            exp = self.client.get_experiment_by_name("mopoe")
+            exp_id = exp.experiment_id if exp else self.client.create_experiment("mopoe")
+            self.run_id = self.client.create_run(exp_id).info.run_id
+            if is_dataclass(learn.config):
+                for k, v in asdict(learn.config).items(): self.client.log_param(self.run_id, k, str(v))
+    def _log(self, values: dict, step: int):
+        if self.run_id is None: return
+        with _FileStore():
+            for k, v in values.items(): self.client.log_metric(self.run_id, k, v, step=step)
+    def after_epoch(self, learn): self._log(epoch_scalars(learn.record), learn.record["epoch"])
+    def after_eval(self, learn):
+        if self.run_id is None: return
+        if learn.results: self._log({f"eval/{k}".replace(",", "_"): v for k, v in flat_scalars(learn.results).items()}, 0)
+        self._end("FINISHED")
+    def after_fit(self, learn):
+        if learn.error is not None: self._end("FAILED")
+        elif not getattr(learn, "evaluation_follows", False): self._end("FINISHED")
+    def _end(self, status: str):
+        if self.run_id is None: return
+        with _FileStore(): self.client.set_terminated(self.run_id, status=status)
+        self.run_id = None
+
+# %% ../nbs/07b_loggers.ipynb #c016
 def check_loggers(names: str) -> list:
     "The logger classes of a comma list of names (ValueError for an unknown name, ImportError for a missing package)."
     classes = []

@@ -80,13 +80,14 @@ def run(cfg: TrainConfig, callbacks=(), data=None, progress: bool = True, writte
         if data is None: data = build_data_ranked(cfg)
         label = stand_in_label(cfg, data[2])
         if label and rank == 0 and progress: print(label, flush=True)
-        trained = fit_run(cfg, data, device, out_dir, callbacks, progress)
+        trained = fit_run(cfg, data, device, out_dir, callbacks, progress, evaluation_follows=rank == 0)
         out = {**trained, "data": data, "classifiers": None, "metrics": None, "results": None}
         learn, history = trained["learner"], trained["history"]
         if rank != 0: return out
         if not history:
             print(f"the run stopped before its first epoch was complete: nothing was saved in {out_dir}, nothing evaluated",
                   flush=True)
+            learn.evaluate(lambda learn: None)                           # the loggers' runs end, with nothing to add
             return out
         if learn.step != history[-1]["step"]:                            # stopped mid-epoch: evaluate what was saved
             state, path = latest_checkpoint(out_dir)

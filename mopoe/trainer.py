@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, callbacks=(), progress: bool = True, data=None) -> d
         return fit_run(cfg, data if data is not None else build_data_ranked(cfg), device, out, callbacks, progress)
 
 # %% ../nbs/07f_trainer.ipynb #c019
-def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = True) -> dict:
+def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = True, evaluation_follows: bool = False) -> dict:
     "Train a resolved config on built data (train, test, info) in a run folder the caller holds."
     world, rank, _ = dist_info()
     distributed, amp = world > 1, cfg.amp
@@ -146,7 +146,7 @@ def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = 
                     start_epoch=start, history=history, rank=rank,
                     autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
                     net=net, device=device, out_dir=out, info=info, train_ds=train_ds, test_ds=test_ds,
-                    data_on_device=on_device, drop_last=drop_last)
+                    data_on_device=on_device, drop_last=drop_last, evaluation_follows=evaluation_follows)
     if resumed: load_callback_states(learn.callbacks, resumed.get("callbacks", {}))
     learn.fit()
     return {"model": model, "history": learn.history, "out_dir": str(out), "info": info, "config": cfg, "device": device,

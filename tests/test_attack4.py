@@ -328,26 +328,25 @@ def _tiny_run(out, data_dir, loggers):
                               data_dir=str(data_dir)), progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28 'Also', for the loggers' owner: WandbLogger and MLflowLogger end their"
-                   " run only on an error, so after a successful run() the .wandb file holds no history until the "
-                   "process exits, and a second run in one process fails: 'Run with UUID … is already active'")
 def test_loggers_end_their_runs_when_run_returns(tmp_path, data_dir, monkeypatch):
     "Also: two runs in one process (a sweep, a notebook) each get their own, finished wandb and MLflow runs."
     wandb, mlflow = pytest.importorskip("wandb"), pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
     for k, v in _logger_env(tmp_path, MLFLOW_ALLOW_FILE_STORE="true").items(): monkeypatch.setenv(k, v)
     try:
         for name in ("a", "b"):
             _tiny_run(tmp_path / name, data_dir, "wandb,mlflow")
             assert wandb.run is None and mlflow.active_run() is None, "a logger's run is still open after run()"
+            client = MlflowClient(tracking_uri=(tmp_path / name / "mlruns").resolve().as_uri())
+            (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            assert r.info.status == "FINISHED" and any(k.startswith("eval/") for k in r.data.metrics), name
+            (log,) = list((tmp_path / name / "wandb").glob("offline-run-*/run-*.wandb"))
+            assert [x.exit.exit_code for x in wandb_records(log) if x.WhichOneof("record_type") == "exit"] == [0], name
     finally:
         if wandb.run is not None: wandb.finish()
         while mlflow.active_run() is not None: mlflow.end_run()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28 'Also', for the loggers' owner: mlflow 3.18 refuses its file store "
-                   "('maintenance mode … set MLFLOW_ALLOW_FILE_STORE=true'), so loggers=mlflow crashes every run in "
-                   "before_fit, after the data is built; the logger should opt in for its own out_dir/mlruns or use "
-                   "sqlite:///<out_dir>/mlflow.db")
 def test_mlflow_logger_works_without_the_file_store_opt_in(tmp_path, data_dir, monkeypatch):
     "Also: loggers=mlflow works with mlflow as installed, no environment variable needed."
     mlflow = pytest.importorskip("mlflow")
@@ -355,4 +354,4 @@ def test_mlflow_logger_works_without_the_file_store_opt_in(tmp_path, data_dir, m
     try: _tiny_run(tmp_path / "r", data_dir, "mlflow")
     finally:
         while mlflow.active_run() is not None: mlflow.end_run()
-    assert (tmp_path / "r" / "results.json").exists()
+    assert (tmp_path / "r" / "results.json").exists() and "MLFLOW_ALLOW_FILE_STORE" not in os.environ
