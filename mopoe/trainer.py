@@ -104,9 +104,9 @@ class StopAfter(Callback):
 
 def default_callbacks(cfg, out, info_plain, progress: bool, model=None) -> list:
     "The callbacks every run has: KL schedule, NaN check, checkpoints, the chosen loggers, the objective's own, progress."
-    own = getattr(type(getattr(model, "objective", None)), "run_callbacks", None)   # e.g. an objective's own schedule
+    own = model.objective.run_callbacks(cfg) if model is not None else []           # e.g. MMVM's alpha schedule
     cbs = [KLSchedule(), NaNCheck(cfg.sync_every, where=str(out)), Checkpointer(cfg, info_plain, out),
-           *make_loggers(cfg.loggers, out, cfg.sync_every), *(own(cfg) if own else [])]
+           *make_loggers(cfg.loggers, out, cfg.sync_every), *own]
     if progress: cbs += [Progress(cfg.sync_every), EpochLine()]
     return cbs
 
