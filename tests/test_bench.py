@@ -57,3 +57,14 @@ def test_bench_eval_loglik_ab_quick(tmp_path):
     assert r["M"] == 2 and r["proposals"] == 4
     assert r["per proposal"]["decoder_calls"] == 4 * 2 and r["batched"]["decoder_calls"] == 2   # 16 tuples fit one chunk
     assert r["speedup"] > 0
+
+
+def test_bench_loop_quick(tmp_path):
+    "The loop benchmark runs both settings with a bare arm, today's Learner and (history allowing) an earlier revision's."
+    has_rev = subprocess.run(["git", "cat-file", "-e", "595f7f1"], cwd=BENCH.parent, capture_output=True).returncode == 0
+    res = _run("bench_loop.py", tmp_path / "loop.json", *(["--ab", "595f7f1"] if has_rev else []))
+    arms = {"learner", "learner_old"} if has_rev else {"learner"}      # a shallow clone lacks the old revision
+    for setting in ("tiny", "main_job"):
+        r = res[setting]
+        assert set(r["median_s"]) == {"bare", *arms} and all(v > 0 for v in r["median_s"].values())
+        assert set(r["ratio_to_bare"]) == arms and all(v > 0 for v in r["ratio_to_bare"].values())
