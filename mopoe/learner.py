@@ -93,10 +93,19 @@ class Learner:
         sums = self.epoch_sums()
         return None if sums is None else sums[self._keys.index(key)] / max(sum(self._sizes), 1)
 
+    def step_rows(self, start: int = 0):
+        "The loss terms of the epoch's steps from `start` on: (steps, terms) on the device, columns `term_names`."
+        rows = self._rows[start:]
+        return torch.stack(rows) if rows else torch.zeros(0, len(self._keys or ()))
+
     def step_losses(self, start: int = 0):
         "The losses of the epoch's steps from `start` on: (steps,) on the device (empty: None)."
-        rows = self._rows[start:]
-        return torch.stack(rows)[:, self._keys.index("loss")] if rows else None
+        return self.step_rows(start)[:, self._keys.index("loss")] if self._rows[start:] else None
+
+    @property
+    def term_names(self) -> list:
+        "The names of the loss terms (the keys of `logs`), in the order of the rows' columns."
+        return list(self._keys or [])
 
     def evaluate(self, fn):
         "`results = fn(self)` (an evaluation of the trained model), kept as `self.results`; then `after_eval`."

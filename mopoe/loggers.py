@@ -17,8 +17,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from .io import DiskFullError, atomic_write
 from .learner import Callback
 from .plugins import load_plugins
@@ -132,32 +130,30 @@ class TensorBoardLogger(Logger):
         if learn.rank != 0: return
         from torch.utils.tensorboard import SummaryWriter
         purge = learn.step + 1 if learn.history else None           # resuming: events past the checkpoint are dropped
-        self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+        def start(): self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
+        self._guard(learn, start)
 
-    def after_batch(self, learn):
-        if self.writer is None: return
-        self.keys = list(learn.logs)
-        self.buf.append((learn.step, torch.stack([learn.logs[k].detach().float() for k in self.keys])))
-        if len(self.buf) >= self.sync_every: self._flush()
-
-    def _flush(self):
-        if not self.buf: return
-        values = torch.stack([v for _, v in self.buf]).tolist()                # one read for the block
-        for (step, _), row in zip(self.buf, values):
-            for k, v in zip(self.keys, row): self.writer.add_scalar(f"step/{k}", v, step)
-        self.buf = []
+    def _guard(self, learn, write):
+        "Run `write`; a full disk (raised here, or in the writer's thread and re-raised here) is a DiskFullError."
+        try: write()
+        except OSError as e:
+            if e.errno == errno.ENOSPC: raise _disk_full(self.out_dir / "tensorboard", learn) from None
+            raise
 
     def after_epoch(self, learn):
         if self.writer is None: return
-        self._flush()
-        for k, v in epoch_scalars(learn.record).items(): self.writer.add_scalar(f"epoch/{k}", v, learn.record["step"])
-        self.writer.flush()
+        rows = learn.step_rows()                                       # the epoch's step terms: one read, after its checkpoint
+        first = learn.step - len(rows) + 1
+        def write():
+            for i, row in enumerate(rows.tolist()):
+                for k, v in zip(learn.term_names, row): self.writer.add_scalar(f"step/{k}", v, first + i)
+            for k, v in epoch_scalars(learn.record).items(): self.writer.add_scalar(f"epoch/{k}", v, learn.record["step"])
+            self.writer.flush()
+        self._guard(learn, write)
 
     def after_fit(self, learn):
         if self.writer is None: return
-        self._flush()
-        if learn.error is None: self._samples(learn)
-        self.writer.flush()
+        if learn.error is None: self._guard(learn, lambda: (self._samples(learn), self.writer.flush()))
 
     def _samples(self, learn, n: int = 16):
         "A grid of prior samples for every image modality (3-d tensors (C, H, W) per example)."

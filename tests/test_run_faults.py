@@ -173,3 +173,19 @@ def test_the_training_notebook_renders_with_any_metric_subset(tmp_path, data_dir
     out = json.loads((tmp_path / "out.ipynb").read_text())
     assert not [o for c in out["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert dataclasses.is_dataclass(resolve_config(**{k: v for k, v in params.items()}))
+
+
+def test_a_full_disk_under_tensorboard_names_its_folder_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    "#14: ENOSPC in TensorBoard's writer thread: DiskFullError naming the event folder, the epoch's checkpoint saved."
+    from tensorboard.summary.writer import record_writer
+    real, calls = record_writer.RecordWriter.write, []
+    def full(self, data):                                            # the event file's header fits; the disk fills after
+        calls.append(1)
+        if len(calls) > 1: raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    out = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=r"tensorboard; the checkpoint of epoch 1 was saved before it and is intact"):
+        train(cfg_for(out, loggers="jsonl,tensorboard"), progress=False, data=DATA)
+    monkeypatch.undo()
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and _epochs(out / "metrics.jsonl") == [1]
