@@ -11,7 +11,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 from torch import Tensor
 
-from .metric import eval_mode, fork_rng, seeded_loader, take_subset, to_device
+from .metric import eval_mode, seeded_loader, take_subset, to_device
 
 # %% ../nbs/08c_samplers.ipynb #c005
 class LatentSampler:
