@@ -24,7 +24,7 @@ from .model import MultimodalVAE, default_rec_weights
 
 # %% ../nbs/07d_build.ipynb #c005
 def build_data(cfg: TrainConfig):
-    "(train, test, info) of a resolved config (num_train / num_test: only that many tuples; missing_*: incomplete training)."
+    "(train, test, info) of a resolved config (num_train, num_test: only so many tuples; missing_*: incomplete data)."
     opts = {"num_modalities": cfg.num_modalities} if cfg.dataset == "polymnist" else {}
     train, test, info = get_datasets(cfg.dataset, root=cfg.data_dir, seed=cfg.seed, num_train=cfg.num_train,
                                      num_test=cfg.num_test, source=cfg.source, **opts)
@@ -36,7 +36,8 @@ def incomplete_train_set(train, info, cfg: TrainConfig):
     if not (cfg.missing_rate or cfg.missing_fraction or cfg.complete_only): return train
     mods = list(info.modalities)
     if cfg.missing_modality and cfg.missing_modality not in mods:
-        raise ValueError(f"missing_modality {cfg.missing_modality!r} is not a modality of {info.name}; choose one of: {', '.join(mods)}")
+        raise ValueError(f"missing_modality {cfg.missing_modality!r} is not a modality of {info.name}; "
+                         f"choose one of: {', '.join(mods)}")
     drop = mods.index(cfg.missing_modality) if cfg.missing_modality else None
     obs = missing_mask(len(train), len(mods), cfg.missing_rate, drop, cfg.missing_fraction, seed=cfg.seed)
     ds = IncompleteDataset(train, obs, mods)
@@ -49,20 +50,22 @@ def build_model(cfg: TrainConfig, info) -> MultimodalVAE:
     enc, dec = dataset_entry(cfg.dataset).networks(info, cfg.latent_dim, cfg.private_dim, init=init, act=act)
     liks = {m: get_likelihood(l, scale=cfg.likelihood_scale) if l in ("laplace", "gaussian") else get_likelihood(l)
             for m, l in info.likelihoods.items()}
-    opts = {"rec_weights": default_rec_weights(info.data_dims), **parse_objective_options(cfg.objective_options, cfg.objective)}
+    opts = {"rec_weights": default_rec_weights(info.data_dims),
+            **parse_objective_options(cfg.objective_options, cfg.objective)}
     setup = dataset_entry(cfg.dataset).paper_setup
-    if cfg.preset == "paper" and setup is not None:                 # the authors' weights (06_nets, PaperSetup.model_options)
+    if cfg.preset == "paper" and setup is not None:                 # the authors' weights (PaperSetup.model_options)
         paper = setup.model_options(info)
         opts["rec_weights"] = paper["rec_weights"]
         if cfg.private_dim and "private_kl_weights" in paper: opts["private_kl_weights"] = paper["private_kl_weights"]
-    return MultimodalVAE(enc, dec, liks, cfg.latent_dim, cfg.private_dim, objective=cfg.objective, prior_expert=cfg.prior_expert,
-                         shapes=info.shapes, kl=cfg.kl, **opts)
+    return MultimodalVAE(enc, dec, liks, cfg.latent_dim, cfg.private_dim, objective=cfg.objective,
+                         prior_expert=cfg.prior_expert, shapes=info.shapes, kl=cfg.kl, **opts)
 
 # %% ../nbs/07d_build.ipynb #c008
 def pick_device(name: str = "auto") -> torch.device:
     "CUDA when present (for 'auto'), else CPU."
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available(): raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
     return torch.device(name)
 
 # %% ../nbs/07d_build.ipynb #c009
@@ -81,12 +84,13 @@ def info_from_dict(d: dict):
 
 # %% ../nbs/07d_build.ipynb #c011
 def stand_in_label(cfg: TrainConfig, info=None) -> str:
-    "'' for the paper's real files; else a one-line label saying the run is on stand-in data (a smoke run beside the paper)."
+    "'' for the paper's real files; else a one-line label saying the run is on stand-in data (a smoke run)."
     synthetic = [m for m, s in (getattr(info, "synthetic", None) or {}).items() if s]
     source = getattr(info, "source", None) or cfg.source
     if source == "real" and not synthetic: return ""                   # only the paper's own files are not a stand-in
     what = (f"synthetic modalities: {', '.join(synthetic)}" if synthetic else
-            "generated with Appendix D's recipe, not the released files" if source == "generated" else "offline substitutes for the real files")
+            "generated with Appendix D's recipe, not the released files" if source == "generated" else
+            "offline substitutes for the real files")
     return (f"STAND-IN DATA: {cfg.dataset} from source {source!r} ({what}) – a smoke run, "
             f"not comparable with the paper's numbers{' even with preset paper' if cfg.preset == 'paper' else ''}")
 

@@ -22,8 +22,7 @@ import torch
 
 from .build import dist_info
 from .config import BUILD_OPTIONS, OPTIONS, RESUMABLE_OPTIONS, TrainConfig, resolve_config, stored_options
-from .io import (CorruptFileError, DiskFullError, clean_stale_temp, fsync_dir, load_verified, run_lock,
-                      save_verified)
+from .io import CorruptFileError, DiskFullError, clean_stale_temp, fsync_dir, load_verified, run_lock, save_verified
 from .learner import Callback, callback_states
 from .loggers import logger_files
 
@@ -46,7 +45,8 @@ def save_checkpoint(state: dict, out_dir) -> Path:
     except DiskFullError:
         intact = path if path.exists() else prev if prev.exists() else None
         raise DiskFullError(f"no space left on device while writing {path}; "
-                            + (f"the previous checkpoint {intact} is intact" if intact else "no earlier checkpoint exists")) from None
+                            + (f"the previous checkpoint {intact} is intact" if intact else
+                               "no earlier checkpoint exists")) from None
     if path.exists(): os.replace(path, prev)
     os.replace(tmp, path)
     fsync_dir(out)
@@ -71,7 +71,7 @@ def load_checkpoint(path) -> dict:
 
 # %% ../nbs/07e_checkpoint.ipynb #c009
 def damaged_name(out_dir) -> Path:
-    "A free name for a damaged checkpoint: checkpoint.damaged.pt, then checkpoint.damaged.2.pt, .3 … (none overwritten)."
+    "A free name for a damaged checkpoint: checkpoint.damaged.pt, then checkpoint.damaged.2.pt, .3 … (none replaced)."
     out, n = Path(out_dir), 1
     while True:
         p = out / ("checkpoint.damaged.pt" if n == 1 else f"checkpoint.damaged.{n}.pt")
@@ -82,7 +82,8 @@ def latest_checkpoint(out_dir, move_damaged: bool = True) -> tuple[dict, Path]:
     "(state, path) of the newest intact checkpoint in out_dir, falling back to checkpoint.prev.pt with a warning."
     out = Path(out_dir); path, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
     if not path.exists() and not prev.exists():
-        raise CheckpointError(f"no checkpoint in {out} (neither {CHECKPOINT} nor {PREV_CHECKPOINT}); nothing to resume or load")
+        raise CheckpointError(f"no checkpoint in {out} (neither {CHECKPOINT} nor {PREV_CHECKPOINT}); "
+                              "nothing to resume or load")
     try: return load_checkpoint(path), path
     except CheckpointError as e: why = str(e)
     if not prev.exists(): raise CheckpointError(why)
@@ -91,7 +92,8 @@ def latest_checkpoint(out_dir, move_damaged: bool = True) -> tuple[dict, Path]:
     moved = ""
     if move_damaged and path.exists():                   # keep the damaged file for inspection, out of the rotation
         aside = damaged_name(out); os.replace(path, aside); moved = f" (moved to {aside})"
-    warnings.warn(f"{why.split(';')[0]}{moved}; using the previous checkpoint {prev} (epoch {state['epoch']}) instead")
+    warnings.warn(f"{why.split(';')[0]}{moved}; using the previous checkpoint {prev} (epoch {state['epoch']}) instead",
+                  stacklevel=2)
     return state, prev
 
 # %% ../nbs/07e_checkpoint.ipynb #c010
@@ -102,7 +104,8 @@ def rng_state() -> dict:
     return {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached": float(cached)},
-            "torch": torch.get_rng_state(), "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []}
+            "torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []}
 
 # %% ../nbs/07e_checkpoint.ipynb #c011
 def set_rng_state(s: dict):
@@ -121,15 +124,15 @@ def seed_everything(seed: int):
 # %% ../nbs/07e_checkpoint.ipynb #c015
 @contextmanager
 def folder_lock(folder):
-    "Hold the run folder's exclusive lock (mopoe.io.run_lock, re-entrant) for the block and clear what killed writes left."
+    "Hold the run folder's exclusive lock (mopoe.io.run_lock, re-entrant) for the block; clear what killed writes left."
     if dist_info()[1] != 0: yield; return                  # rank 0 holds it for all ranks
     folder = Path(folder)
     made = not folder.exists()
     try:
         with run_lock(folder, run_files=RUN_FILES) as held:   # no lock is left in a folder that holds no run (mopoe.io)
             if held.stale and held.stale.get("pid") != os.getpid():
-                print(f"took over the lock of {folder} from PID {held.stale.get('pid')} (started {held.stale.get('started')}), "
-                      "which ended without releasing it", file=sys.stderr)
+                print(f"took over the lock of {folder} from PID {held.stale.get('pid')} "
+                      f"(started {held.stale.get('started')}), which ended without releasing it", file=sys.stderr)
             clean_stale_temp(folder, run_files=RUN_FILES)     # mopoe's own temp names, and only in a run's folder
             yield
     finally:                                               # a folder this call made and nothing was written to: removed
@@ -154,7 +157,8 @@ def check_out_dir(cfg: TrainConfig):
         p = Path(getattr(cfg, k))
         if p.exists() and not p.is_dir(): raise NotADirectoryError(f"{k} {str(p)!r} exists and is not a folder")
         parent = next((q for q in [p, *p.parents] if q.exists()), None)
-        if parent is not None and not os.access(parent, os.W_OK): raise PermissionError(f"{k} {str(p)!r}: {parent} is not writable")
+        if parent is not None and not os.access(parent, os.W_OK):
+            raise PermissionError(f"{k} {str(p)!r}: {parent} is not writable")
     if cfg.resume:
         if not any((out / f).exists() for f in (CHECKPOINT, PREV_CHECKPOINT)):
             raise CheckpointError(f"resume=True but {out} holds no checkpoint ({CHECKPOINT} or {PREV_CHECKPOINT}); "
@@ -162,7 +166,8 @@ def check_out_dir(cfg: TrainConfig):
     elif found := [f for f in dict.fromkeys((*RUN_FILES, *logger_files(cfg.loggers)))
                    if (out / f).exists() or (out / f).is_symlink()]:
         raise FileExistsError(f"out_dir {out} already holds a run ({', '.join(found)}); nothing was changed – "
-                              "resume it with resume=True, or choose another out_dir (or move those files away) to start afresh")
+                              "resume it with resume=True, or choose another out_dir (or move those files away) to "
+                              "start afresh")
 
 # %% ../nbs/07e_checkpoint.ipynb #c018
 def resume_from(cfg, out, model, opt, rank: int = 0) -> dict:
@@ -171,11 +176,13 @@ def resume_from(cfg, out, model, opt, rank: int = 0) -> dict:
     saved, mine = stored_options(state["config"]), asdict(cfg)
     saved = {k: saved.get(k, OPTIONS[k].default) for k in mine}       # an option newer than the checkpoint: its default
     diff = {k: (saved[k], v) for k, v in mine.items() if k not in RESUMABLE_OPTIONS and saved[k] != v}
-    if not _paths_equal(saved.get("data_dir", cfg.data_dir), cfg.data_dir): diff["data_dir"] = (saved.get("data_dir"), cfg.data_dir)
+    if not _paths_equal(saved.get("data_dir", cfg.data_dir), cfg.data_dir):
+        diff["data_dir"] = (saved.get("data_dir"), cfg.data_dir)
     if diff: raise CheckpointError(f"checkpoint {path} was written by another config: {diff} (saved, now)")
     if state["epoch"] > cfg.epochs:
-        raise CheckpointError(f"checkpoint {path} has done {state['epoch']} epochs, more than epochs={cfg.epochs}; nothing was "
-                              f"changed (give epochs >= {state['epoch']} to continue, or evaluate the run with mopoe-eval)")
+        raise CheckpointError(f"checkpoint {path} has done {state['epoch']} epochs, more than epochs={cfg.epochs}; "
+                              f"nothing was changed (give epochs >= {state['epoch']} to continue, or evaluate the run "
+                              "with mopoe-eval)")
     model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     return state
@@ -197,23 +204,27 @@ def final_checkpoint(out_dir, use_prev: bool):
     "The newest checkpoint's state, or (use_prev) the previous one's; a damaged newest one is an error unless use_prev."
     out = Path(out_dir)
     if use_prev:
-        if not (out / PREV_CHECKPOINT).exists(): raise CheckpointError(f"use_prev=True but {out} has no {PREV_CHECKPOINT}")
+        if not (out / PREV_CHECKPOINT).exists():
+            raise CheckpointError(f"use_prev=True but {out} has no {PREV_CHECKPOINT}")
         return load_checkpoint(out / PREV_CHECKPOINT), True
     if not (out / CHECKPOINT).exists():
         if (out / PREV_CHECKPOINT).exists():
-            raise CheckpointError(f"{out} has no {CHECKPOINT}, only {PREV_CHECKPOINT}; evaluate that one with use_prev=True "
-                                  f"(mopoe-eval --use_prev true): its results go to results.prev_epoch<N>.json")
+            raise CheckpointError(f"{out} has no {CHECKPOINT}, only {PREV_CHECKPOINT}; evaluate that one with "
+                                  f"use_prev=True (mopoe-eval --use_prev true): its results go to "
+                                  "results.prev_epoch<N>.json")
         raise CheckpointError(f"no checkpoint in {out} (neither {CHECKPOINT} nor {PREV_CHECKPOINT}); nothing to load")
     try: return load_checkpoint(out / CHECKPOINT), False
     except CheckpointError as e:
-        raise CheckpointError(f"{e}; the final model cannot be evaluated – use_prev=True (mopoe-eval --use_prev true) evaluates "
-                              f"the previous checkpoint and writes results.prev_epoch<N>.json, leaving results.json as it is") from None
+        raise CheckpointError(f"{e}; the final model cannot be evaluated – use_prev=True (mopoe-eval --use_prev true) "
+                              f"evaluates the previous checkpoint and writes results.prev_epoch<N>.json, leaving "
+                              "results.json as it is") from None
 
 # %% ../nbs/07e_checkpoint.ipynb #c022
 def saved_config(state: dict, **overrides) -> TrainConfig:
     "The config of a checkpoint, under today's option names; CheckpointError if it does not state every BUILD_OPTION."
     saved = stored_options(state["config"])
     if missing := [k for k in BUILD_OPTIONS if k not in saved]:
-        raise CheckpointError(f"this checkpoint was written by an earlier mopoe that did not record {missing}; its model cannot "
-                              "be rebuilt with certainty (today's defaults may differ from what it trained with), so it is refused")
+        raise CheckpointError(f"this checkpoint was written by an earlier mopoe that did not record {missing}; "
+                              "its model cannot be rebuilt with certainty (today's defaults may differ from what it "
+                              "trained with), so it is refused")
     return resolve_config(saved, **overrides)

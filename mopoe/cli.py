@@ -9,12 +9,22 @@ __all__ = ['main', 'main_eval', 'notebook_config']
 import argparse
 import os
 import sys
+import traceback
 import warnings
 
 import torch.distributed as dist
 
-from .config import (EVAL_OPTIONS, OPTIONS, ConfigError, TrainConfig, _declared_type, coerce_option, option_choices,
-                          resolve_config, unknown_option_message)
+from mopoe.config import (
+    EVAL_OPTIONS,
+    OPTIONS,
+    ConfigError,
+    TrainConfig,
+    _declared_type,
+    coerce_option,
+    option_choices,
+    resolve_config,
+    unknown_option_message,
+)
 from .plugins import load_plugins
 from .runs import evaluate_saved, run
 
@@ -45,17 +55,17 @@ def _load_plugins_first(argv):
 
 # %% ../nbs/07h_cli.ipynb #c006
 def _cli(prog, body) -> int:
-    "Run `body`; errors become one line on stderr: exit 2 for a refused option (as argparse), 1 otherwise, 130 on Ctrl-C."
+    "Run `body`; an error is one line on stderr: exit 2 for a refused option (as argparse), 1 otherwise, 130 on Ctrl-C."
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DeprecationWarning)
             body()
         return 0
-    except SystemExit as e: return e.code if isinstance(e.code, int) else 2          # argparse's own exit (--help, usage)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else 2   # argparse's own exit (--help, usage)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr); return 130
     except Exception as e:
-        if os.environ.get("MOPOE_TRACEBACK"): import traceback; traceback.print_exc()
+        if os.environ.get("MOPOE_TRACEBACK"): traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"{prog}: error: {msg}", file=sys.stderr); return 2 if isinstance(e, ConfigError) else 1
     finally:
@@ -63,7 +73,7 @@ def _cli(prog, body) -> int:
 
 # %% ../nbs/07h_cli.ipynb #c007
 def main(argv=None) -> int:
-    "`mopoe-train`: every TrainConfig option is a flag; trains, evaluates, writes results.json; returns the exit status."
+    "`mopoe-train`: each TrainConfig option is a flag; trains, evaluates, writes results.json; returns the exit status."
     def body():
         _load_plugins_first(argv)
         p = _parser("mopoe-train", "Train and evaluate a multimodal VAE (MoPoE, MVAE, MMVAE or another registered "
@@ -77,11 +87,12 @@ def main_eval(argv=None) -> int:
     def body():
         _load_plugins_first(argv)
         p = _parser("mopoe-eval", "Evaluate a saved run from its folder (its checkpoint and config) and rewrite its "
-                    "results.json. Options left out keep the run's values; caches go to --data_dir (default: data), never "
-                    "to the checkpoint's.", list(EVAL_OPTIONS))
+                    "results.json. Options left out keep the run's values; caches go to --data_dir (default: data), "
+                    "never to the checkpoint's.", list(EVAL_OPTIONS))
         p.add_argument("out_dir", help="the run's folder (holds checkpoint.pt)")
         p.add_argument("--use_prev", type=lambda s: coerce_option("resume", s), default=False, metavar="true|false",
-                       help="evaluate checkpoint.prev.pt (when checkpoint.pt is damaged) into results.prev_epoch<N>.json")
+                       help="evaluate checkpoint.prev.pt (when checkpoint.pt is damaged) into "
+                            "results.prev_epoch<N>.json")
         args = vars(p.parse_args(argv))
         out_dir, device, use_prev = args.pop("out_dir"), args.pop("device", "auto"), args.pop("use_prev")
         evaluate_saved(out_dir, device=device, use_prev=use_prev, **args)
@@ -89,8 +100,9 @@ def main_eval(argv=None) -> int:
 
 # %% ../nbs/07h_cli.ipynb #c011
 def notebook_config(namespace: dict, parameter_names) -> TrainConfig:
-    "The resolved config of a notebook's parameters: options from `namespace`; a parameter name that is no option is refused."
+    "The resolved config of a notebook's parameters (options from `namespace`); a name that is no option is refused."
     new = {k for k in parameter_names if not k.startswith("_")}
     if unknown := sorted(new - set(OPTIONS)):
-        raise ConfigError("unknown notebook parameter(s) " + unknown_option_message(unknown).split(" ", 2)[2] + " (a typo?)")
+        raise ConfigError("unknown notebook parameter(s) " + unknown_option_message(unknown).split(" ", 2)[2]
+                          + " (a typo?)")
     return resolve_config({k: namespace[k] for k in OPTIONS if k in namespace})

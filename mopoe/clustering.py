@@ -60,7 +60,7 @@ class Clustering(Metric):
     def batch(self, ctx: EvalContext, x, y, experts):
         if self.skip: return
         Z = ctx.model.subset_means(x, experts=experts)                                   # (S, B, D)
-        for n, r in zip(self.keys, self.rows): self.Z[n].append(Z[r].float().cpu())
+        for n, r in zip(self.keys, self.rows, strict=True): self.Z[n].append(Z[r].float().cpu())
         self.y.append(y.cpu())
         if self.own:
             from mopoe.cmvae import predict_clusters

@@ -13,9 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mopoe.mmvaeplus import (
+    MMVAEPlus,
+    _check_bound,
+    _encode_observed,
+    _noise,
+    _zero,
+    latent_scale,
+    log_density,
+    standard_noise,
+)
 from .experts import rsample
-from .mmvaeplus import (MMVAEPlus, _check_bound, _encode_observed, _noise, _zero, latent_scale, log_density,
-                             standard_noise)
 from .objectives import register_objective
 
 # %% ../nbs/02f_cmvae.ipynb #c005

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import traceback
 import warnings
 from dataclasses import asdict
 from importlib import import_module
@@ -26,14 +27,40 @@ from typing import NamedTuple
 
 import torch
 
+from mopoe.card import (
+    ARCHITECTURE,
+    CARD_NAME,
+    CONFIG_NAME,
+    MODEL_OPTIONS,
+    PRETRAINED_FILES,
+    PRETRAINED_FORMAT,
+    RESULTS_NAME,
+    WEIGHTS_NAME,
+    model_card,
+    train_command,
+    train_options,
+)
+from mopoe.train import (
+    CHECKPOINT,
+    OPTIONS,
+    PREV_CHECKPOINT,
+    ConfigError,
+    SavedRun,
+    TrainConfig,
+    build_model,
+    config_key,
+    info_dict,
+    info_from_dict,
+    load_run,
+    pick_device,
+    read_results,
+    resolve_config,
+    saved_config,
+    stand_in_label,
+)
 from . import __version__
-from .card import (ARCHITECTURE, CARD_NAME, CONFIG_NAME, MODEL_OPTIONS, PRETRAINED_FILES, PRETRAINED_FORMAT,
-                        RESULTS_NAME, WEIGHTS_NAME, model_card, train_command, train_options)
 from .io import DiskFullError, atomic_write, expand_path, fsync_dir, run_lock
 from .model import MultimodalVAE
-from .train import (CHECKPOINT, OPTIONS, PREV_CHECKPOINT, ConfigError, SavedRun, TrainConfig,
-                         build_model, config_key, info_dict, info_from_dict, load_run, pick_device,
-                         read_results, resolve_config, saved_config, stand_in_label)
 
 # %% ../nbs/11_hub.ipynb #h005_1
 HUB_EXTRA = 'pip install "mopoe[hub]"'
@@ -364,7 +391,7 @@ def load_pretrained(folder_or_repo_id, device: str = "cpu", *, revision: str | N
     if (folder / RESULTS_NAME).is_file():
         try: res = json.loads((folder / RESULTS_NAME).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            warnings.warn(f"{folder / RESULTS_NAME} is not valid JSON; ignored")
+            warnings.warn(f"{folder / RESULTS_NAME} is not valid JSON; ignored", stacklevel=2)
     return Pretrained(model.to(pick_device(device)), cfg, info, folder, meta, res)
 
 def from_pretrained(folder_or_repo_id, device: str = "cpu", **hub) -> MultimodalVAE:
@@ -379,7 +406,7 @@ def _cli(prog: str, body) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr); return 130
     except Exception as e:
-        if os.environ.get("MOPOE_TRACEBACK"): import traceback; traceback.print_exc()
+        if os.environ.get("MOPOE_TRACEBACK"): traceback.print_exc()
         print(f"{prog}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
 

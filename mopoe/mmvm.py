@@ -23,7 +23,7 @@ def pairwise_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 
 # %% ../nbs/02d_mmvm.ipynb #c009
 def mmvm_kl_terms(mu: Tensor, logvar: Tensor, observed: Tensor | None = None):
-    "Per tuple (A its observed set) (1/|A|) sum_{m, m~ in A} KL(q_m||q_m~) and sum_{m in A} KL(q_m||N(0, I)): (B,) each."
+    "Per tuple (A its observed set): (1/|A|) sum_{m, m~ in A} KL(q_m||q_m~), sum_{m in A} KL(q_m||N(0, I)); (B,) each."
     M, B, D = mu.shape
     zeros = mu.new_zeros(1, B, D)
     kl = pairwise_kl(torch.cat([mu, zeros]), torch.cat([logvar, zeros]))[:M]     # (M, M + 1, B); [:, M]: to N(0, I)
@@ -114,7 +114,7 @@ class MMVM(Objective):
         if observed is not None:
             zero = torch.zeros((), dtype=terms[0].dtype, device=terms[0].device)
             terms = [torch.where(observed[:, m], t, zero) for m, t in enumerate(terms)]
-        rec = sum(w * t for w, t in zip(lam, terms))
+        rec = sum(w * t for w, t in zip(lam, terms, strict=True))
         pairs, prior = mmvm_kl_terms(mu, logvar, observed)
         a = self.alpha.to(pairs.dtype)
         kl = (1 - a) * pairs + a * prior

@@ -37,7 +37,7 @@ def _import(name: str, where: str):
 _FOUND: dict = {}                                            # tuple(sys.path) -> the entry points found on it
 
 def entry_point_plugins() -> list:
-    "The installed entry points of the group `mopoe.plugins` (importlib.metadata), sorted by name; read once per sys.path."
+    "The installed entry points of the group `mopoe.plugins` (importlib.metadata) by name, read once per sys.path."
     key = tuple(sys.path)
     if key not in _FOUND:                                    # scanning every distribution costs ~20 ms: once is enough
         _FOUND[key] = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
