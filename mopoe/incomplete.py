@@ -17,7 +17,8 @@ from torch.utils.data import Dataset, Subset, default_collate
 # %% ../nbs/09_incomplete.ipynb #c005
 def missing_mask(n: int, num_modalities: int, missing_rate: float = 0.0, drop_modality: int | None = None,
                  drop_fraction: float = 0.0, seed: int = 0) -> Tensor:
-    "Which modalities each of `n` tuples has, (n, M) bool: random drops at `missing_rate`, then `drop_modality` absent for `drop_fraction` of them."
+    ("Which modalities each of `n` tuples has, (n, M) bool: random drops at `missing_rate`, then `drop_modality` "
+     "absent for `drop_fraction` of them.")
     if not 0 <= missing_rate < 1: raise ValueError(f"missing_rate must be in [0, 1), got {missing_rate}")
     if not 0 <= drop_fraction <= 1: raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
     if drop_modality is not None and not 0 <= drop_modality < num_modalities:
@@ -38,7 +39,7 @@ def missing_mask(n: int, num_modalities: int, missing_rate: float = 0.0, drop_mo
 
 # %% ../nbs/09_incomplete.ipynb #c009
 class IncompleteDataset(Dataset):
-    "Items (x, y, observed) of `base` with the modalities `observed` (N, M) lacks zero-filled; `modalities` orders the columns."
+    "Items (x, y, observed) of `base`, the modalities `observed` (N, M) lacks zero-filled; `modalities` orders columns."
     def __init__(self, base: Dataset, observed: Tensor, modalities: list):
         if observed.dtype != torch.bool or observed.shape != (len(base), len(modalities)):
             raise ValueError(f"observed must be a bool tensor of shape ({len(base)}, {len(modalities)}), "
@@ -59,7 +60,8 @@ class IncompleteDataset(Dataset):
     def __getitem__(self, i):
         x, y = self._fetch(i)
         obs = self.observed[i]                                             # (M,) or (B, M)
-        if set(x) != set(self.modalities): raise KeyError(f"the dataset has {sorted(x)}, the mask columns {self.modalities}")
+        if set(x) != set(self.modalities):
+            raise KeyError(f"the dataset has {sorted(x)}, the mask columns {self.modalities}")
         out = {}
         for j, m in enumerate(self.modalities):
             keep = obs[..., j].reshape(obs.shape[:-1] + (1,) * (x[m].dim() - obs.dim() + 1))
@@ -77,7 +79,8 @@ class IncompleteDataset(Dataset):
 
     def to(self, device):
         "This view over `base.to(device)` with the mask on `device` (TypeError if the base cannot move)."
-        if self.nbytes is None: raise TypeError(f"the base dataset, a {type(self.base).__name__}, cannot move to a device")
+        if self.nbytes is None:
+            raise TypeError(f"the base dataset, a {type(self.base).__name__}, cannot move to a device")
         out = IncompleteDataset.__new__(IncompleteDataset)
         out.base, out.observed, out.modalities = self.base.to(device), self.observed.to(device), self.modalities
         out.batch_indexing = self.batch_indexing
@@ -86,7 +89,8 @@ class IncompleteDataset(Dataset):
     @property
     def missing_fraction(self) -> float: return 1 - self.observed.float().mean().item()
 
-    def __repr__(self): return f"IncompleteDataset(n={len(self)}, missing={self.missing_fraction:.2f}, modalities={self.modalities})"
+    def __repr__(self):
+        return f"IncompleteDataset(n={len(self)}, missing={self.missing_fraction:.2f}, modalities={self.modalities})"
 
 # %% ../nbs/09_incomplete.ipynb #c012
 def complete_tuples(ds: IncompleteDataset, repeat_to: int | None = None) -> Subset:
@@ -117,8 +121,9 @@ def complete_view(ds):
 def missing_summary(observed: Tensor, modalities: list) -> pd.DataFrame:
     "Number and share of tuples per observed pattern (most common first)."
     pats, counts = torch.unique(observed, dim=0, return_counts=True)
-    rows = [{"observed": ",".join(m for m, on in zip(modalities, p.tolist()) if on), "modalities": int(p.sum()),
-             "tuples": int(c), "share": float(c) / len(observed)} for p, c in zip(pats, counts)]
+    rows = [{"observed": ",".join(m for m, on in zip(modalities, p.tolist(), strict=True) if on),
+             "modalities": int(p.sum()), "tuples": int(c), "share": float(c) / len(observed)}
+            for p, c in zip(pats, counts, strict=True)]
     return pd.DataFrame(rows).sort_values(["tuples", "modalities"], ascending=False).reset_index(drop=True)
 
 def plot_missing(observed: Tensor, modalities: list, title: str | None = None):
@@ -127,7 +132,8 @@ def plot_missing(observed: Tensor, modalities: list, title: str | None = None):
     M = len(modalities)
     fig, ax = plt.subplots(1, 2, figsize=(9, 2.8))
     ax[0].bar(range(M), observed.float().mean(0).numpy(), color="C0")
-    ax[0].set(xticks=range(M), xticklabels=modalities, ylim=(0, 1), ylabel="share of tuples", title="observed, per modality")
+    ax[0].set(xticks=range(M), xticklabels=modalities, ylim=(0, 1), ylabel="share of tuples",
+              title="observed, per modality")
     k = observed.sum(1).numpy()
     ax[1].bar(range(1, M + 1), [(k == i).mean() for i in range(1, M + 1)], color="C1")
     ax[1].set(xticks=range(1, M + 1), xlabel="modalities observed", ylim=(0, 1), title="tuples by number observed")

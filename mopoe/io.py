@@ -140,7 +140,7 @@ def load_verified(path):
 _VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 def expand_path(p, what: str = "path") -> str:
-    "`p` with `~`/`~user` and `$VAR`/`${VAR}` expanded (once); ValueError naming `what` for an unset variable or unknown user."
+    "`p` with `~`/`~user` and `$VAR`/`${VAR}` expanded (once); ValueError naming `what` for an unset variable or user."
     s = os.fspath(p)
     if not isinstance(s, str): s = s.decode()
     home = os.path.expanduser(s)
@@ -163,7 +163,7 @@ class LockFileError(RuntimeError):
 
 @dataclass
 class HeldLock:
-    "What `run_lock` yields: the lock file, its folder, and the record a killed holder left in it (None after a clean exit)."
+    "What `run_lock` yields: the lock file, its folder, and the record a killed holder left (None after a clean exit)."
     path: Path
     folder: Path
     stale: dict | None = None
@@ -239,8 +239,10 @@ _HELD_GUARD = threading.Lock()
 # %% ../nbs/05_io.ipynb #i018_1
 def _locked_error(folder: Path, path: Path) -> RunLockedError:
     h = _read_holder(path)
-    who = (f"PID {h['pid']}" + (f" on {h['host']}" if h.get("host") else "") + (f", started {h['started']}" if h.get("started") else "")
-           + (f" ({h['command']})" if h.get("command") else "")) if "pid" in h else "a process that has not recorded its PID yet"
+    who = ((f"PID {h['pid']}" + (f" on {h['host']}" if h.get("host") else "")
+            + (f", started {h['started']}" if h.get("started") else "")
+            + (f" ({h['command']})" if h.get("command") else ""))
+           if "pid" in h else "a process that has not recorded its PID yet")
     return RunLockedError(f"{folder} is in use by another mopoe process: {who} holds {path}. Nothing was changed; wait "
                           f"for it to finish, or choose another folder.", h.get("pid"), folder)
 
@@ -264,7 +266,7 @@ def _blank(fd: int, n: int) -> None: os.pwrite(fd, b" " * n, 0)
 
 @contextmanager
 def run_lock(folder, run_files=RUN_FILE_NAMES):
-    "Hold an exclusive flock on `folder/.mopoe.lock` (created) for the block; RunLockedError naming the holder if another process has it."
+    "Hold an exclusive flock on `folder/.mopoe.lock` (created) for the block; RunLockedError names a holder if held."
     folder = Path(expand_path(folder, "folder")); folder.mkdir(parents=True, exist_ok=True)
     key, path = str(folder.resolve()), folder / LOCK_FILE
     with _HELD_GUARD:
@@ -305,7 +307,8 @@ def clean_stale_temp(folder, run_files=RUN_FILE_NAMES, written=WRITTEN_NAMES) ->
     "Remove the temp files killed mopoe writes left at the top of a run folder (no other file); needs run_lock(folder)."
     folder = Path(expand_path(folder, "folder"))
     with _HELD_GUARD: held = folder.exists() and str(folder.resolve()) in _HELD
-    if not held: raise RuntimeError(f"clean_stale_temp({folder}): hold run_lock({folder}) first – another process may be writing there")
+    if not held: raise RuntimeError(f"clean_stale_temp({folder}): hold run_lock({folder}) first – another process may "
+                                    "be writing there")
     if not holds_run(folder, run_files, written): return []
     removed = [p for p in sorted(folder.iterdir())
                if is_mopoe_temp(p.name, written) and stat.S_ISREG(os.lstat(p).st_mode)]

@@ -60,7 +60,8 @@ def load_callback_states(callbacks, states: dict):
     keys = dict(_state_keys(callbacks))
     for k, st in (states or {}).items():
         if k in keys: keys[k].load_state_dict(st)
-        else: warnings.warn(f"the checkpoint holds the state of a callback {k!r} that this run does not have; it is not used")
+        else: warnings.warn(f"the checkpoint holds the state of a callback {k!r} that this run does not have; "
+                            "it is not used", stacklevel=2)
 
 # %% ../nbs/07a_learner.ipynb #c011
 class Learner:
@@ -68,7 +69,8 @@ class Learner:
     def __init__(self, model, optimizer, loss_fn, train_batches, steps_per_epoch: int, epochs: int, callbacks=(),
                  test_fn=None, config=None, start_epoch: int = 0, history=None, autocast=None, rank: int = 0, **extra):
         self.model, self.optimizer, self.loss_fn, self.train_batches = model, optimizer, loss_fn, train_batches
-        self.steps_per_epoch, self.epochs, self.callbacks, self.test_fn = steps_per_epoch, epochs, list(callbacks), test_fn
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.callbacks, self.test_fn = list(callbacks), test_fn
         self.config, self.start_epoch, self.history, self.rank = config, start_epoch, list(history or []), rank
         self.autocast = autocast or nullcontext
         self.step = start_epoch * steps_per_epoch
@@ -83,7 +85,7 @@ class Learner:
     def epoch_sums(self):
         "The batch-size-weighted sums of the loss terms over the epoch's steps so far: (terms,) on the device, or None."
         i, sums = self._partial                              # extended from where the last call stopped, in step order
-        for v, b in zip(self._rows[i:], self._sizes[i:]):
+        for v, b in zip(self._rows[i:], self._sizes[i:], strict=True):
             v = v * b; sums = v if sums is None else sums + v
         self._partial = (len(self._rows), sums)
         return sums
@@ -141,14 +143,14 @@ def one_epoch(self: Learner):
     self("before_epoch")
     self.model.train()
     done = 0
-    for self.batch in self.train_batches(self.epoch):
+    for self.batch in self.train_batches(self.epoch):  # noqa: B020
         self.one_batch()
         done += 1
         if self.stop: break
     if done < self.steps_per_epoch or not self._rows: return          # stopped part-way: no record, no checkpoint
     sums, n = self.epoch_sums().tolist(), sum(self._sizes)             # the epoch's one read of the loss terms
     rec = {"epoch": self.epoch + 1, "step": self.step, "beta": float(self.beta),
-           **{f"train_{k}": s / n for k, s in zip(self._keys, sums)}}
+           **{f"train_{k}": s / n for k, s in zip(self._keys, sums, strict=True)}}
     if self.test_fn is not None: rec.update({f"test_{k}": v for k, v in self.test_fn(self.beta).items()})
     rec["seconds"] = time.time() - t0
     rec["step_losses"] = [round(v, 3) for v in self.step_losses().tolist()]
@@ -163,7 +165,7 @@ def fit(self: Learner):
     self.stop, self.error, self._hooks = False, None, hook_table(self.callbacks)
     try:
         self("before_fit")
-        for self.epoch in range(self.start_epoch, self.epochs):
+        for self.epoch in range(self.start_epoch, self.epochs):  # noqa: B020
             self.one_epoch()
             if self.stop: break
     except BaseException as e:
@@ -196,7 +198,8 @@ class KLSchedule(Callback):
 class NaNCheck(Callback):
     "Stop the run with FloatingPointError when a loss is not finite; reads the step losses every `sync_every` steps."
     order = -10
-    def __init__(self, sync_every: int = 50, where: str = ""): self.sync_every, self.where = max(1, int(sync_every)), where
+    def __init__(self, sync_every: int = 50, where: str = ""):
+        self.sync_every, self.where = max(1, int(sync_every)), where
 
     def before_epoch(self, learn): self.first, self.seen = learn.step + 1, 0
 
@@ -206,7 +209,8 @@ class NaNCheck(Callback):
     def _check(self, learn, last):
         losses = learn.step_losses(self.seen)                   # the unchecked steps' losses, one read for all of them
         if losses is not None and not bool(torch.isfinite(losses).all()):
-            raise FloatingPointError(f"non-finite loss at epoch {learn.epoch + 1}, within global steps {self.first}..{last}"
+            raise FloatingPointError(f"non-finite loss at epoch {learn.epoch + 1}, within global steps "
+                                     f"{self.first}..{last}"
                                      f"{'; the last checkpoint in ' + self.where + ' is kept' if self.where else ''}")
         self.first, self.seen = last + 1, len(learn._rows)
 
@@ -219,7 +223,8 @@ class Progress(Callback):
         self.sync_every, self.enabled, self.bar = max(1, int(sync_every)), enabled, None
     def before_epoch(self, learn):
         on = (learn.rank == 0 and sys.stderr.isatty()) if self.enabled is None else self.enabled
-        self.bar = tqdm(total=learn.steps_per_epoch, desc=f"epoch {learn.epoch + 1}/{learn.epochs}", leave=False, disable=not on)
+        self.bar = tqdm(total=learn.steps_per_epoch, desc=f"epoch {learn.epoch + 1}/{learn.epochs}", leave=False,
+                        disable=not on)
     def after_batch(self, learn):
         self.bar.update(1)
         if not self.bar.disable and self.bar.n % self.sync_every == 0:
@@ -238,4 +243,5 @@ class EpochLine(Callback):
         if learn.rank != 0: return
         b = f"  β {r['beta']:.3g}" if getattr(learn.config, "beta_warmup", 0) else ""
         test = f"  test loss {r['test_loss']:.2f}" if "test_loss" in r else ""
-        print(f"epoch {r['epoch']}/{learn.epochs}: train loss {r['train_loss']:.2f}{test}{b}  ({r['seconds']:.0f} s)", flush=True)
+        print(f"epoch {r['epoch']}/{learn.epochs}: train loss {r['train_loss']:.2f}{test}{b}  ({r['seconds']:.0f} s)",
+              flush=True)

@@ -24,22 +24,23 @@ class Likelihood:
     event_dims = None   # None: every dim but the first (batch) one
 
     def valid(self, x: Tensor) -> Tensor:
-        "Elementwise bool: entries that are data of this likelihood (finite and |x| <= MAX_ABS_INPUT; NaN compares False)."
+        "Elementwise bool: the entries that are data of this likelihood (|x| <= MAX_ABS_INPUT; NaN compares False)."
         return x.abs() <= MAX_ABS_INPUT
 
     def invalid_rows(self, x: Tensor) -> Tensor:
-        "(B,) bool on x's device: the rows of x (B, ...) that are not data of this likelihood. Reads nothing back to the host."
+        "(B,) bool on x's device: the rows of x (B, ...) that are not data of this likelihood (no read to the host)."
         return ~_rows(self.valid(x)).all(1)
 
     def data_error(self, x: Tensor) -> str | None:
-        "Why `x` is not data of this likelihood (None when it is): one host read of one flag; the message only on failure."
+        "Why `x` is not data of this likelihood (None if it is): one host read of one flag, the message only then."
         if x.numel() == 0 or not bool(self.invalid_rows(x).any()): return None
         return self.explain(x)
 
     def explain(self, x: Tensor) -> str:
         "What is wrong with data `x` that `invalid_rows` flags: non-finite values, or values beyond MAX_ABS_INPUT."
         if not torch.isfinite(x).all(): return "has non-finite values (NaN or Inf)"
-        return f"has values up to {x.abs().max().item():.3g}; inputs beyond {MAX_ABS_INPUT:.0e} in magnitude are refused (scale the data)"
+        return (f"has values up to {x.abs().max().item():.3g}; inputs beyond {MAX_ABS_INPUT:.0e} in magnitude are "
+                "refused (scale the data)")
 
     def placeholder(self, x: Tensor) -> Tensor:
         "A valid data value of x's shape for missing entries (zeros)."
@@ -51,7 +52,8 @@ class Likelihood:
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         "log p(x | params) summed over the data dims of x: (N,) for x of shape (N, *shape)."
         if params.shape[-x.dim() + 1:] != x.shape[1:]:
-            raise ValueError(f"{type(self).__name__}: parameters of shape {tuple(params.shape)} do not fit data {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: parameters of shape {tuple(params.shape)} do not fit data "
+                             f"{tuple(x.shape)}")
         lp = self.elementwise(params, x)
         return lp.flatten(-(x.dim() - 1)).sum(-1)
 
@@ -80,7 +82,7 @@ class Bernoulli(Likelihood):
 
 # %% ../nbs/03_likelihoods.ipynb #c014
 class Categorical(Likelihood):
-    "Categorical over the last dim (the alphabet) on logits; data one-hot (N, L, C): entries exactly 0 or 1, one 1 per position."
+    "Categorical over the last dim (the alphabet) on logits; data one-hot (N, L, C): 0s and 1s, one 1 per position."
     def invalid_rows(self, x):
         if x.dim() < 2: return torch.ones(max(x.numel(), 1), dtype=torch.bool, device=x.device)
         binary = ((x == 0) | (x == 1)).flatten(1).all(1)
@@ -88,20 +90,24 @@ class Categorical(Likelihood):
         return ~(binary & single)
 
     def explain(self, x):
-        need = "categorical data needs entries of exactly 0 or 1 with a single 1 at every position (the last dim is the alphabet)"
+        need = ("categorical data needs entries of exactly 0 or 1 with a single 1 at every position (the last dim is "
+                "the alphabet)")
         if x.dim() < 2: return f"is not one-hot: {need}, got shape {tuple(x.shape)}"
         if not torch.isfinite(x).all(): return super().explain(x)
         off = x[(x != 0) & (x != 1)]
-        if off.numel(): return f"is not one-hot: {need}; it holds values such as {off[0].item():.3g} (soft or scaled rows are refused)"
+        if off.numel():
+            return (f"is not one-hot: {need}; it holds values such as {off[0].item():.3g} (soft or scaled rows are "
+                    "refused)")
         k = x.sum(-1).flatten(); k = k[k != 1][0].item()
         return f"is not one-hot: {need}; a position holds {k:g} ones"
 
     def placeholder(self, x):
         "The first symbol at every position: a valid one-hot value."
-        return (torch.arange(x.shape[-1], device=x.device) == 0).to(x.dtype)   # no host read (F.one_hot checks its range)
+        return (torch.arange(x.shape[-1], device=x.device) == 0).to(x.dtype)   # no host read (as F.one_hot's check)
     def elementwise(self, params, x):
         if params.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"Categorical: logits of shape {tuple(params.shape)} do not fit one-hot data {tuple(x.shape)}")
+            raise ValueError(f"Categorical: logits of shape {tuple(params.shape)} do not fit one-hot data "
+                             f"{tuple(x.shape)}")
         return x * F.log_softmax(params, dim=-1)        # (..., N, L, C); zero off the data's characters
     def mean(self, params): return F.one_hot(params.argmax(-1), params.shape[-1]).to(params.dtype)
 

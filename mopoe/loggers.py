@@ -46,7 +46,8 @@ def epoch_scalars(record: dict) -> dict:
 # %% ../nbs/07b_loggers.ipynb #c007
 def _require(package: str, logger: str):
     if importlib.util.find_spec(package) is None:
-        raise ImportError(f"logger {logger!r} needs the package {package!r}, which is not installed: pip install {package}")
+        raise ImportError(f"logger {logger!r} needs the package {package!r}, which is not installed: "
+                          f"pip install {package}")
 
 # %% ../nbs/07b_loggers.ipynb #c008
 class Logger(Callback):
@@ -59,15 +60,16 @@ class Logger(Callback):
 def _disk_full(path, learn) -> DiskFullError:
     ep = (learn.history[-1]["epoch"] if learn.history else None) if learn is not None else None
     return DiskFullError(f"no space left on device while writing {path}; "
-                         + (f"the checkpoint of epoch {ep} was saved before it and is intact (resume rebuilds {Path(path).name})"
-                            if ep else "no checkpoint was affected"))
+                         + (f"the checkpoint of epoch {ep} was saved before it and is intact "
+                            f"(resume rebuilds {Path(path).name})" if ep else "no checkpoint was affected"))
 
 def append_text(path, text: str, learn=None):
     "Append `text` to a run file without following a symbolic link; a full disk is a DiskFullError naming the file."
     path = Path(path)
     try: fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        if e.errno == errno.ELOOP: raise FileExistsError(f"{path} is a symbolic link; mopoe writes no run file through a link") from None
+        if e.errno == errno.ELOOP:
+            raise FileExistsError(f"{path} is a symbolic link; mopoe writes no run file through a link") from None
         raise
     try:
         data = memoryview(text.encode())
@@ -87,7 +89,7 @@ def rewrite_text(path, text: str, learn=None):
 class JSONLLogger(Logger):
     "metrics.jsonl: one JSON line per epoch record (appended after the epoch's checkpoint)."
     name, files = "jsonl", ("metrics.jsonl",)
-    def before_fit(self, learn):                     # resuming: the file is the checkpoint's history, whatever a kill left
+    def before_fit(self, learn):               # resuming: the file is the checkpoint's history, whatever a kill left
         path = self.out_dir / "metrics.jsonl"
         if learn.rank == 0 and (learn.history or path.exists() or path.is_symlink()):
             rewrite_text(path, "".join(json.dumps(h) + "\n" for h in learn.history), learn)
@@ -142,12 +144,13 @@ class TensorBoardLogger(Logger):
 
     def after_epoch(self, learn):
         if self.writer is None: return
-        rows = learn.step_rows()                                       # the epoch's step terms: one read, after its checkpoint
+        rows = learn.step_rows()                             # the epoch's step terms: one read, after its checkpoint
         first = learn.step - len(rows) + 1
         def write():
             for i, row in enumerate(rows.tolist()):
-                for k, v in zip(learn.term_names, row): self.writer.add_scalar(f"step/{k}", v, first + i)
-            for k, v in epoch_scalars(learn.record).items(): self.writer.add_scalar(f"epoch/{k}", v, learn.record["step"])
+                for k, v in zip(learn.term_names, row, strict=True): self.writer.add_scalar(f"step/{k}", v, first + i)
+            for k, v in epoch_scalars(learn.record).items():
+                self.writer.add_scalar(f"epoch/{k}", v, learn.record["step"])
             self.writer.flush()
         self._guard(learn, write)
 
@@ -180,15 +183,17 @@ class WandbLogger(Logger):
         super().__init__(out_dir, sync_every); self.run = None
     def before_fit(self, learn):
         if learn.rank != 0: return
-        import wandb
         from dataclasses import asdict, is_dataclass
+
+        import wandb
         cfg = asdict(learn.config) if is_dataclass(learn.config) else {}
         self.run = wandb.init(project="mopoe", dir=str(self.out_dir), mode="offline", config=cfg, reinit="create_new")
     def after_epoch(self, learn):
         if self.run is not None: self.run.log(epoch_scalars(learn.record), step=learn.step)
     def after_eval(self, learn):
         if self.run is None: return
-        if learn.results: self.run.log({f"eval/{k}": v for k, v in flat_scalars(learn.results).items()}, step=learn.step)
+        if learn.results:
+            self.run.log({f"eval/{k}": v for k, v in flat_scalars(learn.results).items()}, step=learn.step)
         self._end(0)
     def after_fit(self, learn):
         if learn.error is not None: self._end(1)
@@ -214,6 +219,7 @@ class MLflowLogger(Logger):
     def before_fit(self, learn):
         if learn.rank != 0: return
         from dataclasses import asdict, is_dataclass
+
         from mlflow.tracking import MlflowClient
         with _FileStore():
             self.client = MlflowClient(tracking_uri=(self.out_dir / "mlruns").resolve().as_uri())
@@ -229,7 +235,8 @@ class MLflowLogger(Logger):
     def after_epoch(self, learn): self._log(epoch_scalars(learn.record), learn.record["epoch"])
     def after_eval(self, learn):
         if self.run_id is None: return
-        if learn.results: self._log({f"eval/{k}".replace(",", "_"): v for k, v in flat_scalars(learn.results).items()}, 0)
+        if learn.results:
+            self._log({f"eval/{k}".replace(",", "_"): v for k, v in flat_scalars(learn.results).items()}, 0)
         self._end("FINISHED")
     def after_fit(self, learn):
         if learn.error is not None: self._end("FAILED")

@@ -21,7 +21,7 @@ def _centred(mu: Tensor, P: Tensor, weights: Tensor):
     return c, mu - c, wP, wP.sum(0)
 
 def dynamic_prior(mu: Tensor, logvar: Tensor, weights: Tensor):
-    "The weights (K, B)-weighted geometric mean of the Gaussians (K, B, D): Gaussian with precision sum_k w_k T_k; (mu, T) each (B, D)."
+    "The (K, B)-weighted geometric mean of the Gaussians (K, B, D), of precision sum_k w_k T_k: (mu, T), (B, D) each."
     c, d, wP, T = _centred(mu, precisions(logvar), weights)
     return c + (wP * d).sum(0) / T, T
 
@@ -38,14 +38,16 @@ def jensen_shannon(mu: Tensor, logvar: Tensor, weights: Tensor) -> Tensor:
 # %% ../nbs/02c_mmjsd.ipynb #c012
 @register_objective
 class MMJSD(Objective):
-    "mmJSD: mixture of the unimodal posteriors; beta times the JS divergence of {q(z|x_m)} and p(z) against their geometric mean."
+    "mmJSD: the unimodal posteriors' mixture; beta times the JS divergence of {q(z|x_m)}, p(z) to their geometric mean."
     name, default_prior_expert = "mmjsd", "none"
-    equation = "Sutter et al. 2020, §3: E_mixture[log p(X|z)] - beta JS^{M+1}_pi({q(z|x_m)}, p(z)), dynamic prior f = PoE_pi"
+    equation = ("Sutter et al. 2020, §3: E_mixture[log p(X|z)] - beta JS^{M+1}_pi({q(z|x_m)}, p(z)), "
+                "dynamic prior f = PoE_pi")
     representation = "one_expert_per_row"
 
     def __init__(self, sampling: str = "stratified", prior_weight: float | None = None):
         super().__init__(prior_expert="none", sampling=sampling)
-        if prior_weight is not None and not 0 < prior_weight < 1: raise ValueError(f"prior_weight must lie in (0, 1), got {prior_weight}")
+        if prior_weight is not None and not 0 < prior_weight < 1:
+            raise ValueError(f"prior_weight must lie in (0, 1), got {prior_weight}")
         self.prior_weight = prior_weight
 
     def __repr__(self): return f"MMJSD(sampling={self.sampling!r}, prior_weight={self.prior_weight})  # {self.equation}"
@@ -56,7 +58,7 @@ class MMJSD(Objective):
         return mask[mask.sum(1) == 1]
 
     def loss(self, mu, logvar, log_lik, beta=1.0, observed=None, ids=None, check=True):
-        "Negative (reconstruction under the mixture - beta JS), averaged over the batch, and logs (loss, rec, kl = the JS term)."
+        "Negative (reconstruction under the mixture - beta JS), averaged over the batch, and logs (loss, rec, kl = JS)."
         mu, logvar, observed = self._prepare(mu, logvar, observed, check)
         M, B, D = mu.shape
         mask = self.subsets(M, mu.device)                                   # (M, M): the unimodal experts
@@ -68,7 +70,7 @@ class MMJSD(Objective):
         rec = log_lik(z)
         on = torch.ones(M, B, dtype=mu.dtype, device=mu.device) if observed is None else observed.T.to(mu.dtype)
         a, p = (1.0, 1.0) if self.prior_weight is None else ((1 - self.prior_weight) / M, self.prior_weight)
-        w = torch.cat([on * a, torch.full((1, B), p, dtype=mu.dtype, device=mu.device)])  # (M + 1, B): observed experts + p(z)
+        w = torch.cat([on * a, torch.full((1, B), p, dtype=mu.dtype, device=mu.device)])  # (M + 1, B): observed, p(z)
         w = w / w.sum(0, keepdim=True)
         zeros = torch.zeros(1, B, D, dtype=mu.dtype, device=mu.device)
         js = jensen_shannon(torch.cat([mu, zeros]), torch.cat([logvar, zeros]), w)

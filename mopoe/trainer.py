@@ -21,8 +21,9 @@ from .loggers import make_loggers
 
 # %% ../nbs/07f_trainer.ipynb #c005
 def batches(ds, order: torch.Tensor, batch_size: int, drop_last: bool = False):
-    "Yield collated (x, y) or (x, y, observed) batches of `ds` in the given index order (whole batches only if `drop_last`)."
-    base, index = (ds.dataset, torch.as_tensor(ds.indices, device=order.device)) if isinstance(ds, Subset) else (ds, None)
+    "Yield collated (x, y) or (x, y, observed) batches of `ds` in the order `order` (whole ones only if `drop_last`)."
+    base, index = ((ds.dataset, torch.as_tensor(ds.indices, device=order.device)) if isinstance(ds, Subset) else
+                   (ds, None))
     fast = hasattr(base, "raw") or getattr(base, "batch_indexing", False)   # datasets that index whole batches at once
     end = len(order) - len(order) % batch_size if drop_last else len(order)
     for i in range(0, end, batch_size):
@@ -61,11 +62,11 @@ def dataset_loss(model, ds, batch_size, device, amp=False, beta: float = 1.0) ->
         v = torch.stack([torch.as_tensor(logs[k], device=device).float() for k in keys]) * b
         sums = v if sums is None else sums + v
         n += b
-    return {} if sums is None else dict(zip(keys, (sums / max(n, 1)).tolist()))
+    return {} if sums is None else dict(zip(keys, (sums / max(n, 1)).tolist(), strict=True))
 
 # %% ../nbs/07f_trainer.ipynb #c012
 def _place_data(train_ds, device, cfg):
-    "The training set on the device when `data_on_device` says so (auto: CUDA and it fits), else unchanged: (ds, moved?)."
+    "The training set on the device if `data_on_device` says so (auto: CUDA and it fits), else unchanged: (ds, moved?)."
     mode = {None: "auto", True: "on", False: "off"}[cfg.data_on_device]
     ds, moved, _ = place_dataset(train_ds, device, mode)
     return ds, moved
@@ -93,7 +94,8 @@ def _validate_data(train_ds, test_ds, info, model):
 def _loss_fn(net, device, compiled: bool):
     "loss_fn(x, observed, beta) for the learner: β a Python number (eager) or a 0-dim device tensor (compiled)."
     if not compiled: return lambda x, obs, beta: _forward(net, x, obs, beta=beta)
-    return lambda x, obs, beta: _forward(net, x, obs, beta=torch.full((), beta, dtype=torch.float32, device=device))   # no copy
+    # β a new device tensor each step (no host-to-device copy)
+    return lambda x, obs, beta: _forward(net, x, obs, beta=torch.full((), beta, dtype=torch.float32, device=device))
 
 # %% ../nbs/07f_trainer.ipynb #c016
 class StopAfter(Callback):
@@ -103,7 +105,7 @@ class StopAfter(Callback):
         if learn.step >= self.steps: learn.stop = True
 
 def default_callbacks(cfg, out, info_plain, progress: bool, model=None) -> list:
-    "The callbacks every run has: KL schedule, NaN check, checkpoints, the chosen loggers, the objective's own, progress."
+    "Every run's callbacks: KL schedule, NaN check, checkpoints, the chosen loggers, the objective's own, progress."
     own = model.objective.run_callbacks(cfg) if model is not None else []           # e.g. MMVM's alpha schedule
     cbs = [KLSchedule(), NaNCheck(cfg.sync_every, where=str(out)), Checkpointer(cfg, info_plain, out),
            *make_loggers(cfg.loggers, out, cfg.sync_every), *own]
@@ -112,14 +114,16 @@ def default_callbacks(cfg, out, info_plain, progress: bool, model=None) -> list:
 
 # %% ../nbs/07f_trainer.ipynb #c018
 def train(cfg: TrainConfig, callbacks=(), progress: bool = True, data=None) -> dict:
-    "Train a config; returns {'model', 'history', 'out_dir', 'info', 'config', 'device', 'learner'}. `data` = (train, test, info)."
+    ("Train a config; returns {'model', 'history', 'out_dir', 'info', 'config', 'device', 'learner'}. "
+     "`data` = (train, test, info).")
     cfg = resolve_config(cfg)
     with run_folder(cfg) as out:
         device = setup_device(cfg)
         return fit_run(cfg, data if data is not None else build_data_ranked(cfg), device, out, callbacks, progress)
 
 # %% ../nbs/07f_trainer.ipynb #c019
-def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = True, evaluation_follows: bool = False) -> dict:
+def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = True,
+            evaluation_follows: bool = False) -> dict:
     "Train a resolved config on built data (train, test, info) in a run folder the caller holds."
     world, rank, _ = dist_info()
     distributed, amp = world > 1, cfg.amp
@@ -131,7 +135,8 @@ def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, amsgrad=cfg.amsgrad)
     resumed = resume_from(cfg, out, model, opt, rank) if cfg.resume else None
     history, start = (resumed["history"], resumed["epoch"]) if resumed else ([], 0)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+    net = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed
+           else model)
     compiled = cfg.compile != "off"
     if compiled: net = torch.compile(net, mode=None if cfg.compile == "default" else cfg.compile)
     drop_last = cfg.drop_last if cfg.drop_last is not None else (compiled or device.type == "cuda")
@@ -139,9 +144,11 @@ def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = 
     train_ds, on_device = (train_ds, False) if distributed else _place_data(train_ds, device, cfg)
     steps = steps_per_epoch(len(train_ds), cfg.batch_size, world, drop_last)
     if steps == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train_ds)} training tuples and drop_last is on")
-    learn = Learner(model, opt, _loss_fn(net, device, compiled), _epoch_batches(train_ds, cfg, device, on_device, drop_last, sampler),
-                    steps, cfg.epochs, default_callbacks(cfg, out, info_dict(info), progress, model) + list(callbacks),
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train_ds)} training tuples and "
+                         "drop_last is on")
+    learn = Learner(model, opt, _loss_fn(net, device, compiled),
+                    _epoch_batches(train_ds, cfg, device, on_device, drop_last, sampler), steps, cfg.epochs,
+                    default_callbacks(cfg, out, info_dict(info), progress, model) + list(callbacks),
                     test_fn=lambda beta: dataset_loss(model, test_ds, cfg.batch_size, device, amp, beta), config=cfg,
                     start_epoch=start, history=history, rank=rank,
                     autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
@@ -149,5 +156,5 @@ def fit_run(cfg: TrainConfig, data, device, out, callbacks=(), progress: bool = 
                     data_on_device=on_device, drop_last=drop_last, evaluation_follows=evaluation_follows)
     if resumed: load_callback_states(learn.callbacks, resumed.get("callbacks", {}))
     learn.fit()
-    return {"model": model, "history": learn.history, "out_dir": str(out), "info": info, "config": cfg, "device": device,
-            "learner": learn}
+    return {"model": model, "history": learn.history, "out_dir": str(out), "info": info, "config": cfg,
+            "device": device, "learner": learn}
