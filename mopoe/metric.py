@@ -4,6 +4,7 @@
 
 # %% ../nbs/08a_metric.ipynb #c002
 from __future__ import annotations
+
 import inspect
 import json
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm   # not tqdm.auto: without ipywidgets it warns "IProgress not found" in every notebook
+from tqdm import tqdm  # not tqdm.auto: without ipywidgets it warns "IProgress not found" in every notebook
 
 from .experts import subset_mask, subset_names
 from .plugins import load_plugins
@@ -117,7 +118,8 @@ class EvalContext:
         self.modalities = list(self.model.modalities)
         self.mask = subset_mask(len(self.modalities))
         self.names = subset_names(self.mask, self.modalities)                   # by size, then lexicographic
-        self.givens = {n: [m for m, on in zip(self.modalities, r.tolist()) if on] for n, r in zip(self.names, self.mask)}
+        self.givens = {n: [m for m, on in zip(self.modalities, r.tolist(), strict=True) if on]
+                       for n, r in zip(self.names, self.mask, strict=True)}
         self.sizes = {n: len(g) for n, g in self.givens.items()}
         self.multilabel = bool(self.info.multilabel)
         self.result.setdefault("n", {})
@@ -127,7 +129,7 @@ class EvalContext:
 
 # %% ../nbs/08a_metric.ipynb #c021
 class Metric:
-    "A metric computed in `evaluate`'s one pass: `begin(ctx)`, `batch(ctx, x, y, experts)` per test batch, `end(ctx) -> dict`."
+    "A metric of `evaluate`'s one pass: `begin(ctx)`, `batch(ctx, x, y, experts)` per test batch, `end(ctx) -> dict`."
     name: str | None = None           # the key of its result
     needs_classifiers: bool = False   # the coherence classifiers must be passed to `evaluate`
     config_options: tuple = ()        # TrainConfig options passed to the constructor by `from_config`
@@ -140,30 +142,36 @@ class Metric:
     def settings(self) -> dict: return {}                      # recorded in the result's "settings"
     def begin(self, ctx: EvalContext): pass
     def batch(self, ctx: EvalContext, x: dict, y: Tensor, experts): pass
-    def end(self, ctx: EvalContext) -> dict: raise NotImplementedError(f"{type(self).__name__} must define end(ctx) -> dict")
+    def end(self, ctx: EvalContext) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must define end(ctx) -> dict")
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
 
 # %% ../nbs/08a_metric.ipynb #c023
 METRICS: dict = {}                                         # name -> Metric subclass
 DEFAULT_METRICS = ("latent", "coherence", "loglik")
-_RESULT_KEYS = ("dataset", "modalities", "subsets", "subset_sizes", "metric", "n", "metrics", "settings", "classifiers", "time")
+_RESULT_KEYS = ("dataset", "modalities", "subsets", "subset_sizes", "metric", "n", "metrics", "settings", "classifiers",
+                "time")
 def register_metric(cls):
     "Class decorator: make a `Metric` subclass available to `evaluate` (and the `metrics` option) under `cls.name`."
-    if not (isinstance(cls, type) and issubclass(cls, Metric)): raise TypeError(f"register_metric expects a Metric subclass, got {cls!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Metric)):
+        raise TypeError(f"register_metric expects a Metric subclass, got {cls!r}")
     name = cls.name
-    if not isinstance(name, str) or not name.isidentifier(): raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
-    if name in _RESULT_KEYS: raise ValueError(f"metric name {name!r} is taken by a key of evaluate's result {_RESULT_KEYS}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
+    if name in _RESULT_KEYS:
+        raise ValueError(f"metric name {name!r} is taken by a key of evaluate's result {_RESULT_KEYS}")
     old = METRICS.get(name)
-    if old is not None and old.__qualname__ != cls.__qualname__:           # the same class defined again (a notebook, a reload): replaced
+    if old is not None and old.__qualname__ != cls.__qualname__:   # the same class again (notebook, reload): replaced
         raise ValueError(f"a metric named {name!r} is already registered: {old.__module__}.{old.__qualname__}")
     METRICS[name] = cls
     return cls
 
 # %% ../nbs/08a_metric.ipynb #c024
 def get_metric(metric, **options) -> Metric:
-    "A `Metric` instance from a registered name (built with `options`), a Metric class, or an instance (returned as is)."
+    "A `Metric` instance from a registered name (built with `options`), a Metric class, or an instance (as it is)."
     if isinstance(metric, Metric):
-        if options: raise ValueError(f"options {sorted(options)} apply to a metric name, not to the instance {metric!r}")
+        if options:
+            raise ValueError(f"options {sorted(options)} apply to a metric name, not to the instance {metric!r}")
         return metric
     if isinstance(metric, type) and issubclass(metric, Metric): return metric(**options)
     if isinstance(metric, str) and metric not in METRICS: load_plugins()          # the built-ins and installed plugins
@@ -173,7 +181,7 @@ def get_metric(metric, **options) -> Metric:
 
 # %% ../nbs/08a_metric.ipynb #c027
 def resolve_metrics(metrics, options: dict) -> list:
-    "Metric instances for `metrics` (names, classes, instances or a comma list); a name gets the `options` its constructor takes."
+    "Metric instances for `metrics` (names, classes, instances or a comma list); a name gets the `options` it takes."
     if isinstance(metrics, str): metrics = [s.strip() for s in metrics.split(",") if s.strip()]
     elif isinstance(metrics, Metric): metrics = [metrics]
     if any(isinstance(m, str) and m not in METRICS for m in metrics): load_plugins()
@@ -189,16 +197,18 @@ def resolve_metrics(metrics, options: dict) -> list:
     return out
 
 # %% ../nbs/08a_metric.ipynb #c028
-def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict | None = None, num_latent_train: int = 500,
-             num_samples: int = 15, batch_size: int = 256, max_test: int | None = None, device=None, progress: bool = True,
-             metrics=DEFAULT_METRICS, num_joint: int | None = None, max_test_loglik: int | None = None,
-             loglik_decode_batch: int = 256, seed: int = 0) -> dict:
-    "The `metrics` (names or `Metric` instances) of every subset in one pass over the test set: a JSON-serializable dict."
+def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict | None = None,
+             num_latent_train: int = 500, num_samples: int = 15, batch_size: int = 256, max_test: int | None = None,
+             device=None, progress: bool = True, metrics=DEFAULT_METRICS, num_joint: int | None = None,
+             max_test_loglik: int | None = None, loglik_decode_batch: int = 256, seed: int = 0) -> dict:
+    "The `metrics` (names or `Metric` instances) of every subset in one pass over the test set: a JSON-ready dict."
     t_start = time.perf_counter()
-    metrics = resolve_metrics(metrics, dict(num_latent_train=num_latent_train, num_joint=num_joint, loglik_samples=num_samples,
-                                             loglik_max_test=max_test_loglik, loglik_decode_batch=loglik_decode_batch))
+    metrics = resolve_metrics(metrics, dict(num_latent_train=num_latent_train, num_joint=num_joint,
+                                             loglik_samples=num_samples, loglik_max_test=max_test_loglik,
+                                             loglik_decode_batch=loglik_decode_batch))
     mods = list(model.modalities)
-    if set(mods) != set(info.modalities): raise ValueError(f"the model has modalities {mods} but the dataset {list(info.modalities)}")
+    if set(mods) != set(info.modalities):
+        raise ValueError(f"the model has modalities {mods} but the dataset {list(info.modalities)}")
     if classifiers is not None and (missing := [m for m in mods if m not in classifiers]):
         raise ValueError(f"no classifier for modalities {missing}")
     if classifiers is None and (need := [m.name for m in metrics if m.needs_classifiers]):
@@ -209,8 +219,8 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
     device = device_of(model) if device is None else device
     test = take_subset(test_ds, max_test, seed + 1, shuffle=True)
     if len(test) == 0: raise ValueError("the test set is empty")
-    settings = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "num_latent_train": num_latent_train,
-                "max_test": max_test, "max_test_loglik": max_test_loglik}
+    settings = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed,
+                "num_latent_train": num_latent_train, "max_test": max_test, "max_test_loglik": max_test_loglik}
     for m in metrics: settings.update(m.settings())
     res = {"dataset": info.name, "modalities": mods, "subsets": None, "subset_sizes": None, "metric": score_name(info),
            "n": {"test": len(test)}, "metrics": [m.name for m in metrics], "settings": settings}
@@ -228,7 +238,7 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
         for x, y in tqdm(seeded_loader(test, batch_size), desc="evaluate", disable=not progress):
             x = to_device(x, device)
             t = time.perf_counter()
-            ex = model.experts(x)                                                   # one encoder pass, shared by all metrics
+            ex = model.experts(x)                                           # one encoder pass, shared by all metrics
             T["encode"] += time.perf_counter() - t
             for m in metrics: hook(m, "batch", x, y, ex)
         for m in metrics: res[m.name] = hook(m, "end")

@@ -24,7 +24,7 @@ def _check_family(family: str):
     if family not in FAMILIES: raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 def latent_scale(raw: Tensor, family: str = "laplace") -> Tensor:
-    "Scales from an encoder's raw output over the last dim: Laplace softmax(raw)·D + SCALE_EPS (the authors'), Gaussian exp(raw/2)."
+    "Scales of raw encoder outputs (last dim): Laplace softmax(raw)·D + SCALE_EPS (authors'), Gaussian exp(raw/2)."
     _check_family(family)
     if family == "laplace": return F.softmax(raw, -1) * raw.shape[-1] + SCALE_EPS
     return torch.exp(0.5 * raw)
@@ -49,29 +49,36 @@ def _zero(t: Tensor) -> Tensor: return torch.zeros((), dtype=t.dtype, device=t.d
 # %% ../nbs/02b_mmvaeplus.ipynb #c009_1
 @register_objective
 class MMVAEPlus(Objective):
-    "MMVAE+: shared z, private w_m, auxiliary priors r_n(w_n) for cross-modal reconstruction; stratified ELBO/IWAE/DReG."
+    "MMVAE+: shared z, private w_m, auxiliary priors r_n(w_n) for cross-modal reconstruction; a stratified ELBO/IWAE."
     name, default_prior_expert = "mmvaeplus", "none"
     equation = ("Palumbo et al. 2023 (authors' objectives.py, m_elbo): (1/|O|) sum_m log (1/K) sum_k w_m^(k), "
                 "stratified over the observed modalities")
-    representation = "one_expert_per_row"          # latent classification on z: one unimodal posterior mean per row, as MMVAE
+    representation = "one_expert_per_row"          # latent classification on z: a unimodal posterior mean a row (MMVAE)
     private_kl_weight = 0.0                        # the private latents' terms are inside the log-weights
     family = "laplace"                             # the latent distributions (instances: the `family` option)
     needs_private = True                           # only with modality-specific latents (private_dim >= 1)
 
     def __init__(self, K: int = 1, estimator: str = "elbo", family: str = "laplace",
                  prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified"):
-        if prior_expert not in ("auto", "none"): raise ValueError(f"MMVAE+ mixes unimodal posteriors, no product of experts: prior_expert must be 'auto' or 'none', got {prior_expert!r}")
+        if prior_expert not in ("auto", "none"):
+            raise ValueError(f"MMVAE+ mixes unimodal posteriors, no product of experts: prior_expert must be 'auto' or "
+                             f"'none', got {prior_expert!r}")
         if kl != "auto": raise ValueError(f"MMVAE+ has no closed-form KL to choose: kl must be 'auto', got {kl!r}")
-        if sampling != "stratified": raise ValueError(f"MMVAE+ stratifies its K samples over the modalities: sampling must be 'stratified', got {sampling!r}")
+        if sampling != "stratified":
+            raise ValueError(f"MMVAE+ stratifies its K samples over the modalities: sampling must be 'stratified', "
+                             f"got {sampling!r}")
         super().__init__(prior_expert="none")
-        if estimator not in ESTIMATORS: raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         _check_family(family)
-        if isinstance(K, bool) or int(K) != K or K < 1: raise ValueError(f"K (samples per modality) must be a positive integer, got {K!r}")
+        if isinstance(K, bool) or int(K) != K or K < 1:
+            raise ValueError(f"K (samples per modality) must be a positive integer, got {K!r}")
         self.K, self.estimator, self.family = int(K), estimator, family
         self.register_parameter("aux_raw", None)   # (M, private_dim) raw scales of r_n, made by `setup`
         self.bound_modalities = None
 
-    def __repr__(self): return f"MMVAEPlus(K={self.K}, estimator={self.estimator!r}, family={self.family!r})  # {self.equation}"
+    def __repr__(self):
+        return f"MMVAEPlus(K={self.K}, estimator={self.estimator!r}, family={self.family!r})  # {self.equation}"
 
     @classmethod
     def subset_rule(cls, num_modalities: int) -> Tensor:
@@ -84,20 +91,22 @@ class MMVAEPlus(Objective):
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c011
 def _setup(self: MMVAEPlus, model) -> MMVAEPlus:
-    "Create the auxiliary priors' raw scales (M, private_dim), zeros (scale 1), for `model`; call before building the optimizer."
+    "Make the auxiliary priors' raw scales (M, private_dim), zeros (scale 1), for `model`; call before the optimizer."
     M, Dp = len(model.modalities), int(model.private_dim)
-    if Dp < 1: raise ValueError(f"MMVAE+ needs modality-specific latents: private_dim >= 1, got {Dp} (for none use 'mmvae')")
+    if Dp < 1:
+        raise ValueError(f"MMVAE+ needs modality-specific latents: private_dim >= 1, got {Dp} (for none use 'mmvae')")
     ref = next(model.encoders.parameters(), None)
     kw = dict(dtype=ref.dtype, device=ref.device) if ref is not None else {}
-    if self.aux_raw is None or tuple(self.aux_raw.shape) != (M, Dp): self.aux_raw = nn.Parameter(torch.zeros(M, Dp, **kw))
+    if self.aux_raw is None or tuple(self.aux_raw.shape) != (M, Dp):
+        self.aux_raw = nn.Parameter(torch.zeros(M, Dp, **kw))
     self.bound_modalities = list(model.modalities)
     return self
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c011_1
 def _check_bound(self: MMVAEPlus, model):
     if self.aux_raw is None:
-        raise RuntimeError("MMVAE+ has no auxiliary priors yet: call objective.setup(model) before building the optimizer "
-                           "(MultimodalVAE does it when constructed)")
+        raise RuntimeError("MMVAE+ has no auxiliary priors yet: call objective.setup(model) before building the "
+                           "optimizer (MultimodalVAE does it when constructed)")
     if self.bound_modalities != list(model.modalities) or self.aux_raw.shape[1] != model.private_dim:
         raise ValueError(f"this MMVAE+ objective was set up for modalities {self.bound_modalities} with private_dim "
                          f"{self.aux_raw.shape[1]}, the model has {list(model.modalities)} and {model.private_dim}")
@@ -111,7 +120,8 @@ def _aux_scale(self: MMVAEPlus) -> Tensor:
 def _private_prior_sample(self: MMVAEPlus, model, modality: str, lead_shape, like: Tensor) -> Tensor:
     "w ~ r_n(w) for the target `modality`: (*lead_shape, private_dim) with `like`'s dtype and device."
     _check_bound(self, model)
-    if modality not in model.modalities: raise ValueError(f"unknown modality {modality!r}; this model has {model.modalities}")
+    if modality not in model.modalities:
+        raise ValueError(f"unknown modality {modality!r}; this model has {model.modalities}")
     scale = self.aux_scale()[model.modalities.index(modality)].to(device=like.device, dtype=like.dtype)
     return standard_noise((*lead_shape, scale.shape[-1]), self.family, like) * scale
 
@@ -121,22 +131,25 @@ MMVAEPlus.setup, MMVAEPlus.aux_scale, MMVAEPlus.private_prior_sample = _setup, _
 def _noise(noise: dict, key: str, shape, family, like):
     e = noise.get(key)
     if e is None: return standard_noise(shape, family, like)
-    if tuple(e.shape) != tuple(shape): raise ValueError(f"noise[{key!r}] must have shape {tuple(shape)}, got {tuple(e.shape)}")
+    if tuple(e.shape) != tuple(shape):
+        raise ValueError(f"noise[{key!r}] must have shape {tuple(shape)}, got {tuple(e.shape)}")
     return e.to(dtype=like.dtype, device=like.device)
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c015_1
 def _encode_observed(model, x: dict, observed, D: int, Dp: int):
-    "Placeholders for missing entries, every present modality encoded: data {m: x}, obs (B, M), mu and raw (M, B, D+Dp)."
+    "Placeholders for missing entries, each present modality encoded: data {m: x}, obs (B, M), mu and raw (M, B, D+Dp)."
     names = list(model.modalities)
     if not isinstance(x, dict) or not x or any(m not in names for m in x):
-        raise ValueError(f"x must be a non-empty dict over the modalities {names}, got {list(x) if isinstance(x, dict) else type(x).__name__}")
+        raise ValueError(f"x must be a non-empty dict over the modalities {names}, "
+                         f"got {list(x) if isinstance(x, dict) else type(x).__name__}")
     B = next(iter(x.values())).shape[0]
     dev = next(iter(x.values())).device
     held = torch.tensor([m in x for m in names], device=dev)
     if observed is None: obs = held.expand(B, len(names))
     else:
         if not isinstance(observed, Tensor) or observed.dtype != torch.bool or tuple(observed.shape) != (B, len(names)):
-            got = f"{observed.dtype} {tuple(observed.shape)}" if isinstance(observed, Tensor) else type(observed).__name__
+            got = (f"{observed.dtype} {tuple(observed.shape)}" if isinstance(observed, Tensor) else
+                   type(observed).__name__)
             raise ValueError(f"observed must be a ({B}, {len(names)}) bool tensor (True = observed), got {got}")
         obs = observed.to(dev) & held
     data, enc = {}, {}
@@ -144,11 +157,12 @@ def _encode_observed(model, x: dict, observed, D: int, Dp: int):
         if m not in x: continue
         t = x[m]
         keep = obs[:, i].view(-1, *(1,) * (t.dim() - 1))
-        data[m] = t = torch.where(keep, t, model.likelihoods[m].placeholder(t))     # NaN/inf there never reach a network
+        data[m] = t = torch.where(keep, t, model.likelihoods[m].placeholder(t))   # NaN/inf there reach no network
         mu, raw = model.encoders[m](t)
         if tuple(mu.shape) != (B, D + Dp) or tuple(raw.shape) != (B, D + Dp):
-            raise ValueError(f"encoder {m!r} returned {tuple(mu.shape)} and {tuple(raw.shape)}, expected ({B}, {D + Dp}) each")
-        if mu.dtype in (torch.float16, torch.bfloat16): mu, raw = mu.float(), raw.float()   # densities in float32 at least
+            raise ValueError(f"encoder {m!r} returned {tuple(mu.shape)} and {tuple(raw.shape)}, "
+                             f"expected ({B}, {D + Dp}) each")
+        if mu.dtype in (torch.float16, torch.bfloat16): mu, raw = mu.float(), raw.float()   # float32 densities at least
         enc[m] = (mu, raw)
     ref = next(iter(enc.values()))[0]
     zero = ref.new_zeros(B, D + Dp)
@@ -159,7 +173,7 @@ def _encode_observed(model, x: dict, observed, D: int, Dp: int):
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c018
 def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None, beta=1.0, noise: dict | None = None):
-    "Negative stratified ELBO/IWAE bound averaged over the batch (DReG: that value, DReG's gradient), and detached logs."
+    "The negative stratified ELBO/IWAE bound, batch mean (DReG: that value, DReG's gradient), and detached logs."
     _check_bound(self, model)
     names, D, Dp, K, fam = list(model.modalities), model.latent_dim, model.private_dim, self.K, self.family
     data, obs, mu, raw = _encode_observed(model, x, observed, D, Dp)
@@ -167,16 +181,16 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
     noise = noise or {}
     mz, mw = mu[..., :D], mu[..., D:]
     sz, sw = latent_scale(raw[..., :D], fam), latent_scale(raw[..., D:], fam)      # (M, B, D), (M, B, Dp)
-    z = mz[:, None] + sz[:, None] * _noise(noise, "z", (M, K, B, D), fam, mu)         # (M, K, B, D): stratum m from q(z|x_m)
+    z = mz[:, None] + sz[:, None] * _noise(noise, "z", (M, K, B, D), fam, mu)       # (M, K, B, D): stratum m ~ q(z|x_m)
     w = mw[:, None] + sw[:, None] * _noise(noise, "w", (M, K, B, Dp), fam, mu)        # (M, K, B, Dp)
     aux_s = self.aux_scale().to(mu.dtype)                                           # (M, Dp): the scales of r_n
     aux = _noise(noise, "aux", (M, M, K, B, Dp), fam, mu) * aux_s[:, None, None, None]   # [n, m]: w~_n for stratum m
     dreg = self.estimator == "dreg"
     qz, qs, qwm, qws = (t.detach() for t in (mz, sz, mw, sw)) if dreg else (mz, sz, mw, sw)
-    lq = log_density(z[:, :, None], qz, qs, fam)                                    # (M, K, M', B): q(z | x_m') at stratum m's z
+    lq = log_density(z[:, :, None], qz, qs, fam)                                    # (M, K, M', B): q(z_m | x_m')
     lq = torch.where(obs.T, lq, torch.full((), -math.inf, dtype=lq.dtype, device=lq.device))
     n_obs = obs.sum(1).to(mu.dtype)                                                 # (B,)
-    lqz = torch.logsumexp(lq, 2) - torch.log(n_obs)                                 # the mixture of the observed posteriors
+    lqz = torch.logsumexp(lq, 2) - torch.log(n_obs)                                 # the observed posteriors' mixture
     lqw = log_density(w, qwm[:, None], qws[:, None], fam)
     one = torch.ones((), dtype=mu.dtype, device=mu.device)
     prior = log_density(z, _zero(mu), one, fam) + log_density(w, _zero(mu), one, fam)
@@ -184,14 +198,14 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
     lpx = torch.zeros_like(prior)
     for n, m in enumerate(names):
         if m not in data: continue
-        codes = torch.cat([z, torch.where(own[n], w, aux[n])], -1)                  # stratum n: own w_n; others: w~_n ~ r_n
+        codes = torch.cat([z, torch.where(own[n], w, aux[n])], -1)                  # stratum n: w_n, else w~_n ~ r_n
         p = model.decoders[m](codes.reshape(M * K * B, D + Dp))
         lp = model.likelihoods[m].log_prob(p.reshape(M, K, B, *p.shape[1:]), data[m])   # (M, K, B)
         lpx = lpx + model.rec_weights[m] * torch.where(obs[:, n], lp, _zero(lp))
     reg = prior - lqz - lqw                                                         # (M, K, B)
     lw = lpx + beta * reg
     per = lw.mean(1) if self.estimator == "elbo" else torch.logsumexp(lw, 1) - math.log(K)   # (M, B)
-    def rows(t): return torch.where(obs.T, t, _zero(t)).sum(0) / n_obs             # average over the observed strata: (B,)
+    def rows(t): return torch.where(obs.T, t, _zero(t)).sum(0) / n_obs             # mean over the observed strata: (B,)
     bound = rows(per)
     loss = -bound.mean()
     if dreg:
@@ -207,7 +221,8 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
 MMVAEPlus.model_loss = _model_loss
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c024
-MMVAEPLUS_POLYMNIST_PAPER = dict(   # Palumbo, Daunhawer & Vogt, ICLR 2023; srl-ethz/mmvaeplus@29276ea, run_polyMNIST_experiment.sh
+# Palumbo, Daunhawer & Vogt, ICLR 2023; srl-ethz/mmvaeplus@29276ea, run_polyMNIST_experiment.sh
+MMVAEPLUS_POLYMNIST_PAPER = dict(
     objective="mmvaeplus", objective_options=dict(K=1, estimator="elbo", family="laplace"),
     latent_dim=32, private_dim=32, beta=2.5, beta_warmup=0, batch_size=128, epochs=250,
     lr=1e-3, amsgrad=True, likelihood_scale=0.75)
