@@ -33,8 +33,9 @@ def subset_mask(num_modalities: int) -> Tensor:
 def subset_names(mask: Tensor, names) -> list:
     "Display names of the subsets in `mask`, e.g. 'm0,m2'."
     names = list(names)
-    if mask.shape[-1] != len(names): raise ValueError(f"mask has {mask.shape[-1]} columns but {len(names)} names were given")
-    return [",".join(n for n, on in zip(names, row.tolist()) if on) for row in mask]
+    if mask.shape[-1] != len(names):
+        raise ValueError(f"mask has {mask.shape[-1]} columns but {len(names)} names were given")
+    return [",".join(n for n, on in zip(names, row.tolist(), strict=True) if on) for row in mask]
 
 # %% ../nbs/01_experts.ipynb #c008
 def subsets_within(mask: Tensor, present: Tensor) -> Tensor:
@@ -46,7 +47,8 @@ def allowed_subsets(mask: Tensor, observed: Tensor) -> Tensor:
     "(B, K) bool: subset k of `mask` (K, M) lies inside the observed modalities of row b of `observed` (B, M)."
     if observed.dim() != 2 or observed.shape[1] != mask.shape[1]:
         raise ValueError(f"observed must be (B, {mask.shape[1]}) bool, got shape {tuple(observed.shape)}")
-    outside = (~observed).to(torch.float32) @ mask.to(torch.float32, copy=False).T.to(observed.device)   # members not observed
+    # (B, K): how many members of subset k row b does not observe
+    outside = (~observed).to(torch.float32) @ mask.to(torch.float32, copy=False).T.to(observed.device)
     return outside == 0
 
 # %% ../nbs/01_experts.ipynb #c011
@@ -69,7 +71,7 @@ class _LeakyClamp(torch.autograd.Function):
 
 # %% ../nbs/01_experts.ipynb #c011_1
 def bounded_logvar(logvar: Tensor) -> Tensor:
-    "logvar clamped to [LOGVAR_MIN, LOGVAR_MAX]; outside the range the gradient is LOGVAR_LEAK times the incoming one, never 0."
+    "logvar clamped to [LOGVAR_MIN, LOGVAR_MAX]; outside, the gradient is LOGVAR_LEAK times the incoming one, never 0."
     return _LeakyClamp.apply(logvar, LOGVAR_MIN, LOGVAR_MAX, LOGVAR_LEAK)
 
 def precisions(logvar: Tensor) -> Tensor:
@@ -83,19 +85,22 @@ def prior_flags(mask: Tensor, prior_expert: str = "full") -> Tensor:
     if prior_expert == "none": return torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
     if prior_expert == "full": return mask.all(1)
     if prior_expert == "all": return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-    if prior_expert == "auto": raise ValueError("prior_expert 'auto' means the objective's own choice; resolve it with mopoe.objectives.get_objective")
+    if prior_expert == "auto":
+        raise ValueError("prior_expert 'auto' means the objective's own choice; resolve it with "
+                         "mopoe.objectives.get_objective")
     raise ValueError(f"unknown prior_expert {prior_expert!r}; choose one of {', '.join(PRIOR_EXPERT)}")
 
 # %% ../nbs/01_experts.ipynb #c011e
 def check_subsets(mask: Tensor, prior: Tensor | None = None) -> Tensor:
-    "ValueError if a row of `mask` (with its prior flag) selects no expert; reads the mask's values, so call it once per mask."
+    "ValueError if a row of `mask` (with its prior flag) selects no expert; it reads the mask: call it once per mask."
     ok = mask.any(-1) if prior is None else mask.any(-1) | prior
     if not bool(ok.all()): raise ValueError("an empty subset has no experts to multiply")
     return mask
 
 def _check_experts(mu, logvar, weights, prior, check: bool = True):
     if mu.shape != logvar.shape or mu.dim() != 3:
-        raise ValueError(f"experts need mu and logvar of one shape (M, B, D); got {tuple(mu.shape)} and {tuple(logvar.shape)}")
+        raise ValueError(f"experts need mu and logvar of one shape (M, B, D); got {tuple(mu.shape)} and "
+                         f"{tuple(logvar.shape)}")
     if weights.shape[-1] != mu.shape[0]:
         raise ValueError(f"the subset mask has {weights.shape[-1]} columns but there are {mu.shape[0]} experts")
     if check: check_subsets(weights, prior)
@@ -124,7 +129,8 @@ def _fuse(mu: Tensor, logvar: Tensor, weights: Tensor, prior: Tensor | None, eq:
 
 # %% ../nbs/01_experts.ipynb #c011g_1
 def poe(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None, check: bool = True):
-    "Product of the experts (M, B, D) chosen by each row of `mask` (S, M), prior expert where `prior` (S,): (mu, logvar), each (S, B, D)."
+    ("Product of the experts (M, B, D) chosen by each row of `mask` (S, M), prior expert where `prior` (S,): "
+     "(mu, logvar), each (S, B, D).")
     return _fuse(mu, logvar, mask, prior, "sm,mbd->sbd", check)
 
 def poe_rows(mu: Tensor, logvar: Tensor, row_mask: Tensor, prior: Tensor | None = None, check: bool = True):
@@ -135,8 +141,9 @@ def poe_rows(mu: Tensor, logvar: Tensor, row_mask: Tensor, prior: Tensor | None 
 FAMILIES = ("gaussian", "laplace")
 
 def component_dist(mu: Tensor, logvar: Tensor, family: str = "gaussian") -> Distribution:
-    "A diagonal distribution with batch shape (..., B) and event shape (D,): Normal(mu, e^(logvar/2)) or the MMVAE+ Laplace."
-    if family == "gaussian": return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1, validate_args=False)
+    "A diagonal distribution of batch shape (..., B), event shape (D,): Normal(mu, e^(logvar/2)) or the MMVAE+ Laplace."
+    if family == "gaussian":
+        return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1, validate_args=False)
     if family == "laplace":
         scale = torch.softmax(logvar, -1) * logvar.shape[-1] + 1e-6
         return Independent(Laplace(mu, scale, validate_args=False), 1, validate_args=False)
@@ -153,7 +160,7 @@ def gaussian(mu: Tensor, logvar: Tensor) -> Independent:
 
 # %% ../nbs/01_experts.ipynb #c017
 class _MeanSubsetKL(torch.autograd.Function):
-    "Mean (or `a`-weighted sum) over subsets of KL(PoE_k || N(0, I)), summed over D: (B,); chunked, gradient in the same pass."
+    "Mean (or `a`-weighted sum) over subsets of KL(PoE_k || N(0, I)), summed over D: (B,); chunked, one-pass gradient."
     @staticmethod
     def forward(ctx, P, mu, w, prior, chunk, grad, a=None):
         M, B, D = P.shape
@@ -200,9 +207,9 @@ class _MeanSubsetKL(torch.autograd.Function):
 
 # %% ../nbs/01_experts.ipynb #c017a
 @float32_fusion
-def mean_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None, chunk_elems: int | None = None,
-                   allowed: Tensor | None = None, check: bool = True) -> Tensor:
-    "Mean over the rows of `mask` (per row b: those `allowed[b]`) of KL(PoE of that subset || N(0, I)), summed over D: (B,)."
+def mean_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | None = None,
+                   chunk_elems: int | None = None, allowed: Tensor | None = None, check: bool = True) -> Tensor:
+    "Mean over the rows of `mask` (row b: those `allowed[b]`) of KL(PoE of the subset || N(0, I)), summed over D: (B,)."
     prior = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device) if prior is None else prior
     _check_experts(mu, logvar, mask, prior, check)
     P = precisions(logvar)
@@ -210,7 +217,7 @@ def mean_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | Non
     chunk = max(1, chunk_elems // (mu.shape[1] * mu.shape[2]))
     grad = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
     a = None
-    if allowed is not None:                                              # uniform weights over each row's allowed subsets
+    if allowed is not None:                                              # uniform weights on each row's allowed subsets
         a = allowed.T.to(P.dtype)
         a = a / a.sum(0, keepdim=True)                                   # (K, B)
     return _MeanSubsetKL.apply(P, mu.to(P.dtype), mask.to(P.dtype), prior.to(P.dtype), chunk, grad, a)
@@ -231,9 +238,9 @@ def sampled_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | 
     K = mask.shape[0]
     n = torch.full((B,), K, device=mu.device) if allowed is None else allowed.sum(1)        # subsets per row
     u = torch.rand(B, 1, device=mu.device)
-    j = ((torch.arange(num, device=mu.device) + u) * n[:, None] / num).floor().long()       # stratum r: [r n/num, (r+1) n/num)
+    j = ((torch.arange(num, device=mu.device) + u) * n[:, None] / num).floor().long()    # stratum r: [r, r+1) n/num
     j = torch.minimum(j, (n[:, None] - 1).long())
-    k = j if allowed is None else torch.searchsorted(allowed.long().cumsum(1), j + 1)        # the (j+1)-th allowed subset
+    k = j if allowed is None else torch.searchsorted(allowed.long().cumsum(1), j + 1)     # the (j+1)-th allowed subset
     P = precisions(logvar)
     W = mask.to(P.dtype)[k]                                                                  # (B, num, M)
     T = torch.einsum("brm,mbd->brd", W, P) + prior.to(P.dtype)[k][..., None]
@@ -244,12 +251,14 @@ def sampled_subset_kl(mu: Tensor, logvar: Tensor, mask: Tensor, prior: Tensor | 
 # %% ../nbs/01_experts.ipynb #c021
 SAMPLING = ("stratified", "random")
 
-def component_ids(num_components: int, batch: int, strategy: str = "stratified", device=None, allowed: Tensor | None = None) -> Tensor:
+def component_ids(num_components: int, batch: int, strategy: str = "stratified", device=None,
+                  allowed: Tensor | None = None) -> Tensor:
     "One mixture component per batch row: (B,) long; with `allowed` (B, K) one of the row's allowed components."
     if allowed is not None: return _allowed_ids(allowed, strategy)
     if strategy == "stratified":
         u = torch.rand((), device=device)
-        ids = ((torch.arange(batch, device=device) + u) * num_components / batch).floor().long().clamp_(max=num_components - 1)
+        ids = ((torch.arange(batch, device=device) + u) * num_components / batch).floor().long()
+        ids = ids.clamp_(max=num_components - 1)
         return ids[torch.randperm(batch, device=device)]
     if strategy == "random": return torch.randint(num_components, (batch,), device=device)
     raise ValueError(f"unknown sampling {strategy!r}; choose one of {', '.join(SAMPLING)}")
@@ -261,7 +270,7 @@ def _allowed_ids(allowed: Tensor, strategy: str) -> Tensor:
     n = allowed.sum(1)                                                   # (B,) allowed components per row
     if strategy == "stratified":
         u = torch.rand((), device=dev)
-        j = ((torch.randperm(B, device=dev) + u) * n / B).floor().long()   # = component_ids' draw when every row allows all
+        j = ((torch.randperm(B, device=dev) + u) * n / B).floor().long()   # component_ids' draw if every row allows all
     elif strategy == "random": j = (torch.rand(B, device=dev) * n).floor().long()
     else: raise ValueError(f"unknown sampling {strategy!r}; choose one of {', '.join(SAMPLING)}")
     j = torch.minimum(j, n - 1)
@@ -269,7 +278,8 @@ def _allowed_ids(allowed: Tensor, strategy: str) -> Tensor:
 
 # %% ../nbs/01_experts.ipynb #c023b
 class MixtureOfProducts:
-    "Uniform mixture over the rows of `mask` (K, M) of the product of the experts mu, logvar (M, B, D) (Gaussian or single Laplace experts)."
+    ("Uniform mixture over the rows of `mask` (K, M) of the product of the experts mu, logvar (M, B, D) (Gaussian or "
+     "single Laplace experts).")
     def __init__(self, mu: Tensor, logvar: Tensor, mask: Tensor, prior_expert: str = "full", family: str = "gaussian",
                  check: bool = True):
         if family not in FAMILIES: raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -279,7 +289,8 @@ class MixtureOfProducts:
         if family != "gaussian":
             if check and not bool(((mask.sum(-1) == 1) & ~self.prior).all()):
                 raise ValueError(f"a {family} mixture needs single-expert components without the prior expert "
-                                 f"(a product of {family} experts has no closed form); got prior_expert={prior_expert!r} and mask {mask.tolist()}")
+                                 f"(a product of {family} experts has no closed form); got "
+                                 f"prior_expert={prior_expert!r} and mask {mask.tolist()}")
             self.expert = mask.long().argmax(-1)                                     # (K,) each component's one expert
 
     @property
@@ -296,11 +307,13 @@ class MixtureOfProducts:
         return self.components()[0].mean(0)
 
     def rsample(self, sample_shape=(), strategy: str = "stratified", ids: Tensor | None = None) -> Tensor:
-        "Reparameterized samples (*sample_shape, B, D): a component per row (or the given `ids`), then its distribution."
+        "Reparameterized samples (*sample_shape, B, D): a component per row (or the given `ids`), then its draw."
         n = math.prod(sample_shape)
         B = self.mu.shape[1]
-        if ids is None: ids = torch.cat([component_ids(self.num_components, B, strategy, self.mu.device) for _ in range(max(n, 1))])
-        elif ids.shape != (max(n, 1) * B,): raise ValueError(f"ids must have shape ({max(n, 1) * B},), got {tuple(ids.shape)}")
+        if ids is None:
+            ids = torch.cat([component_ids(self.num_components, B, strategy, self.mu.device) for _ in range(max(n, 1))])
+        elif ids.shape != (max(n, 1) * B,):
+            raise ValueError(f"ids must have shape ({max(n, 1) * B},), got {tuple(ids.shape)}")
         mu_r, lv_r = self.rows(ids)                                                                           # (n*B, D)
         return rsample(mu_r, lv_r, self.family).reshape(*sample_shape, B, -1)                               # (*S, B, D)
 
@@ -321,5 +334,6 @@ class MixtureOfProducts:
 
     def mean_kl(self) -> Tensor:
         "Average over components of KL(component || N(0, I)): (B,) (Gaussian family only)."
-        if self.family != "gaussian": raise ValueError(f"mean_kl is the closed-form Gaussian KL; this mixture is {self.family}")
+        if self.family != "gaussian":
+            raise ValueError(f"mean_kl is the closed-form Gaussian KL; this mixture is {self.family}")
         return mean_subset_kl(self.mu, self.logvar, self.mask, self.prior, check=False)
