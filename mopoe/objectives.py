@@ -16,10 +16,24 @@ import torch
 from fastcore.basics import patch
 from torch import Tensor, nn
 
+from mopoe.experts import (
+    FAMILIES,
+    PRIOR_EXPERT,
+    SAMPLING,
+    MixtureOfProducts,
+    allowed_subsets,
+    check_subsets,
+    component_ids,
+    gaussian_kl,
+    mean_subset_kl,
+    poe,
+    poe_rows,
+    prior_flags,
+    rsample,
+    sampled_subset_kl,
+    subset_mask,
+)
 from .plugins import load_plugins
-from .experts import (FAMILIES, PRIOR_EXPERT, SAMPLING, MixtureOfProducts, allowed_subsets, check_subsets,
-                           component_ids, gaussian_kl, mean_subset_kl, poe, poe_rows, prior_flags,
-                           rsample, sampled_subset_kl, subset_mask)
 
 # %% ../nbs/02_objectives.ipynb #c005
 KL_ESTIMATORS = ("auto", "subset_average", "subset_sample", "row_subset")
@@ -28,20 +42,21 @@ KL_SAMPLES = 16                # subsets per row of the sampled subset average
 
 # %% ../nbs/02_objectives.ipynb #c005d
 def check_observed(observed: Tensor, num_modalities: int, batch: int, values: bool = True) -> Tensor:
-    "Validate a per-tuple availability mask: (B, M) bool, at least one modality per tuple; ValueError naming the tuples."
-    if not isinstance(observed, Tensor) or observed.dtype != torch.bool or tuple(observed.shape) != (batch, num_modalities):
+    "Validate a per-tuple availability mask: (B, M) bool, a modality at least per tuple; ValueError naming the tuples."
+    if (not isinstance(observed, Tensor) or observed.dtype != torch.bool
+            or tuple(observed.shape) != (batch, num_modalities)):
         got = f"{observed.dtype} {tuple(observed.shape)}" if isinstance(observed, Tensor) else type(observed).__name__
         raise ValueError(f"observed must be a ({batch}, {num_modalities}) bool tensor (True = observed), got {got}")
     if not values: return observed
     empty = (~observed.any(1)).nonzero().flatten()
     if len(empty):
-        raise ValueError(f"tuples {empty[:10].tolist()}{' ...' if len(empty) > 10 else ''} of the batch have no observed "
-                         f"modality; every tuple needs at least one")
+        raise ValueError(f"tuples {empty[:10].tolist()}{' ...' if len(empty) > 10 else ''} of the batch have no "
+                         f"observed modality; every tuple needs at least one")
     return observed
 
 # %% ../nbs/02_objectives.ipynb #c005f
 def mask_experts(mu: Tensor, logvar: Tensor, observed: Tensor):
-    "Replace the experts of missing entries by N(0, I) (mu 0, logvar 0) before any arithmetic: NaN there changes nothing."
+    "Replace the experts of missing entries by N(0, I) (mu 0, logvar 0) before any arithmetic: NaN there is harmless."
     keep = observed.T[..., None]                                         # (M, B, 1)
     return torch.where(keep, mu, torch.zeros((), dtype=mu.dtype, device=mu.device)), \
            torch.where(keep, logvar, torch.zeros((), dtype=logvar.dtype, device=logvar.device))
@@ -50,24 +65,30 @@ def mask_experts(mu: Tensor, logvar: Tensor, observed: Tensor):
 class Objective(nn.Module):
     "A multimodal ELBO configured and validated once: `loss(mu, logvar, log_lik, beta, observed)` -> (loss, logs)."
     name, equation, default_prior_expert = None, "", "full"
-    representation = "mixture_mean"                                     # a subset's latent representation (`subset_means`)
-    family = "gaussian"                                                  # the posteriors' distribution (`component_dist`)
+    representation = "mixture_mean"                                     # a subset's representation (`subset_means`)
+    family = "gaussian"                                                  # the posteriors' family (`component_dist`)
     private_kl_weight = 1.0                                              # times the private latents' KL enters the loss
     needs_private = False                                                # True: only with modality-specific latents
 
-    def __init__(self, prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified", kl_samples: int = KL_SAMPLES):
+    def __init__(self, prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified",
+                 kl_samples: int = KL_SAMPLES):
         super().__init__()
-        if prior_expert not in PRIOR_EXPERT: raise ValueError(f"unknown prior_expert {prior_expert!r}; choose one of {', '.join(PRIOR_EXPERT)}")
+        if prior_expert not in PRIOR_EXPERT:
+            raise ValueError(f"unknown prior_expert {prior_expert!r}; choose one of {', '.join(PRIOR_EXPERT)}")
         if kl not in KL_ESTIMATORS: raise ValueError(f"unknown kl {kl!r}; choose one of {', '.join(KL_ESTIMATORS)}")
-        if sampling not in SAMPLING: raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLING)}")
-        if int(kl_samples) != kl_samples or kl_samples < 1: raise ValueError(f"kl_samples must be a positive integer, got {kl_samples}")
-        if self.family not in FAMILIES: raise ValueError(f"{type(self).__name__}.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if sampling not in SAMPLING:
+            raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLING)}")
+        if int(kl_samples) != kl_samples or kl_samples < 1:
+            raise ValueError(f"kl_samples must be a positive integer, got {kl_samples}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"{type(self).__name__}.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         self.prior_expert = self.default_prior_expert if prior_expert == "auto" else prior_expert
         self.kl, self.sampling, self.kl_samples = kl, sampling, int(kl_samples)
         self._masks = {}
 
     def __repr__(self):
-        return f"{type(self).__name__}(prior_expert={self.prior_expert!r}, kl={self.kl!r}, sampling={self.sampling!r})  # {self.equation}"
+        return (f"{type(self).__name__}(prior_expert={self.prior_expert!r}, kl={self.kl!r}, "
+                f"sampling={self.sampling!r})  # {self.equation}")
 
     @classmethod
     def option_names(cls) -> tuple:
@@ -97,13 +118,14 @@ class Objective(nn.Module):
 
     def _prepare(self, mu, logvar, observed, check: bool = True):
         if mu.dim() != 3 or mu.shape != logvar.shape:
-            raise ValueError(f"experts need mu and logvar of one shape (M, B, D); got {tuple(mu.shape)} and {tuple(logvar.shape)}")
+            raise ValueError(f"experts need mu and logvar of one shape (M, B, D); got {tuple(mu.shape)} and "
+                             f"{tuple(logvar.shape)}")
         if observed is None: return mu, logvar, None
         check_observed(observed, mu.shape[0], mu.shape[1], values=check)
         return *mask_experts(mu, logvar, observed), observed
 
-    def loss(self, mu: Tensor, logvar: Tensor, log_lik: Callable, beta: float = 1.0, observed: Tensor | None = None, ids=None,
-             check: bool = True):
+    def loss(self, mu: Tensor, logvar: Tensor, log_lik: Callable, beta: float = 1.0, observed: Tensor | None = None,
+             ids=None, check: bool = True):
         "Negative ELBO averaged over the batch and detached logs; `check=False`: `observed` was validated already."
         raise NotImplementedError(f"{type(self).__name__} must define loss (or override model_loss)")
 
@@ -134,26 +156,29 @@ def private_prior_sample(self: Objective, model, modality: str, lead_shape, like
 
 @patch
 def prior_log_prob(self: Objective, z: Tensor) -> Tensor:
-    "log p(z) of latents (..., D) under the fixed prior: standard Gaussian (standard Laplace for the Laplace family): (...,)."
-    if self.family == "gaussian": return (-0.5 * z.square() - 0.5 * math.log(2 * math.pi)).sum(-1)   # closed forms: no
-    return (-z.abs() - math.log(2.0)).sum(-1)                                                       # host read of a scalar
+    "log p(z) of latents (..., D) under the fixed prior: standard Gaussian (standard Laplace for that family): (...,)."
+    # closed forms: no host read of a scalar
+    if self.family == "gaussian": return (-0.5 * z.square() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return (-z.abs() - math.log(2.0)).sum(-1)
 
 # %% ../nbs/02_objectives.ipynb #c005l
 OBJECTIVES: dict = {}                                                    # name -> Objective subclass
 PAPER_OBJECTIVES = ("mopoe", "mvae", "mmvae", "subset_elbos")             # the paper's four
 
 def load_objectives() -> dict:
-    "Import every module that registers objectives (mopoe.plugins: built-ins and installed plugins); returns OBJECTIVES."
+    "Import every module that registers objectives (mopoe.plugins: built-ins, installed plugins); returns OBJECTIVES."
     load_plugins()
     return OBJECTIVES
 
 def register_objective(cls):
     "Class decorator: make the Objective subclass `cls` selectable by its `name`; returns `cls`."
-    if not (isinstance(cls, type) and issubclass(cls, Objective)): raise TypeError(f"register_objective takes an Objective subclass, got {cls!r}")
-    if not isinstance(cls.name, str) or not cls.name.isidentifier(): raise ValueError(f"{cls.__name__}.name must be an identifier, got {cls.name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise TypeError(f"register_objective takes an Objective subclass, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name.isidentifier():
+        raise ValueError(f"{cls.__name__}.name must be an identifier, got {cls.name!r}")
     old = OBJECTIVES.get(cls.name)
-    same = old is not None and old.__qualname__ == cls.__qualname__ and (old.__module__ == cls.__module__ or "__main__" in
-                                                                          (old.__module__, cls.__module__))   # a notebook's own copy
+    same = (old is not None and old.__qualname__ == cls.__qualname__                    # a notebook's own copy
+            and (old.__module__ == cls.__module__ or "__main__" in (old.__module__, cls.__module__)))
     if old is not None and old is not cls and not same:
         raise ValueError(f"objective name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}")
     OBJECTIVES[cls.name] = cls
@@ -161,20 +186,24 @@ def register_objective(cls):
 
 # %% ../nbs/02_objectives.ipynb #c005l_1
 def objective_name(objective: str) -> str:
-    "`objective` when it is registered (loading the plugins first if it is not); ValueError listing the choices if unknown."
+    "`objective` when it is registered (loading the plugins first if it is not); ValueError listing the choices if not."
     if objective not in OBJECTIVES: load_objectives()
-    if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     return objective
 
 # %% ../nbs/02_objectives.ipynb #c005l_2
 def get_objective(objective="mopoe", **options) -> Objective:
-    "An Objective by registered name with its options (`OBJECTIVES[name].option_names()`), or a configured one passed through."
+    "An Objective by registered name with its options (`OBJECTIVES[name].option_names()`), or a configured one as is."
     if isinstance(objective, Objective):
-        if options: raise ValueError(f"options {sorted(options)} given with a configured objective {objective!r}; configure it once")
+        if options:
+            raise ValueError(f"options {sorted(options)} given with a configured objective {objective!r}; "
+                             "configure it once")
         return objective
     cls = OBJECTIVES[objective_name(objective)]
     unknown = sorted(set(options) - set(cls.option_names()))
-    if unknown: raise ValueError(f"objective {cls.name!r} takes the options {', '.join(cls.option_names())}; got {unknown}")
+    if unknown:
+        raise ValueError(f"objective {cls.name!r} takes the options {', '.join(cls.option_names())}; got {unknown}")
     return cls(**options)
 
 def objective_subsets(objective: str, num_modalities: int) -> Tensor:
@@ -197,7 +226,8 @@ class MixtureELBO(Objective):
         rec = log_lik(z)                                                    # (B,): observed modalities only
         est = self.kl_estimator(q.num_components)
         if est == "subset_average": kl = mean_subset_kl(mu, logvar, mask, q.prior, allowed=allowed, check=False)
-        elif est == "subset_sample": kl = sampled_subset_kl(mu, logvar, mask, q.prior, self.kl_samples, allowed, check=False)
+        elif est == "subset_sample":
+            kl = sampled_subset_kl(mu, logvar, mask, q.prior, self.kl_samples, allowed, check=False)
         else: kl = gaussian_kl(mu_r, lv_r)                                  # row_subset
         elbo = rec - beta * kl
         loss = -elbo.mean()
@@ -227,7 +257,8 @@ class MVAE(Objective):
     "MVAE as the authors ran it: PoE of the observed experts with the prior expert (Eq. 7-8) plus the unimodal ELBOs."
     name, equation, default_prior_expert = "mvae", "Eq. 7-8: the product of the experts (+ the unimodal ELBOs)", "all"
 
-    def __init__(self, prior_expert="auto", kl="auto", sampling="stratified", kl_samples=KL_SAMPLES, unimodal_elbos: bool = True):
+    def __init__(self, prior_expert="auto", kl="auto", sampling="stratified", kl_samples=KL_SAMPLES,
+                 unimodal_elbos: bool = True):
         super().__init__(prior_expert, kl, sampling, kl_samples)
         self.unimodal_elbos = bool(unimodal_elbos)
         self.private_kl_weight = 2.0 if self.unimodal_elbos else 1.0     # the joint ELBO and the modality's own ELBO
@@ -245,23 +276,26 @@ class MVAE(Objective):
             q = MixtureOfProducts(mu, logvar, self.subsets(M, mu.device), self.prior_expert, check=False)
             mu_r, lv_r = q.rows(component_ids(1, B, self.sampling, mu.device) if ids is None else ids)
             kl = q.mean_kl() if self.kl_estimator(1) == "subset_average" else gaussian_kl(mu_r, lv_r)
-        else:                                                               # per row: the product of its observed experts
-            if ids is None: ids = component_ids(1, B, self.sampling, mu.device)   # the same random stream as without a mask
-            rows = observed & (ids == 0)[:, None]   # ids are all 0 (one component): using them keeps the draw in a compiled graph
-            prior = {"all": torch.ones_like(observed[:, 0]), "full": observed.all(1), "none": torch.zeros_like(observed[:, 0])}[self.prior_expert]
+        else:                                                               # per row: its observed experts' product
+            if ids is None: ids = component_ids(1, B, self.sampling, mu.device)   # the same random draws as unmasked
+            # ids are all 0 (one component): using them keeps the draw in a compiled graph
+            rows = observed & (ids == 0)[:, None]
+            prior = {"all": torch.ones_like(observed[:, 0]), "full": observed.all(1),
+                     "none": torch.zeros_like(observed[:, 0])}[self.prior_expert]
             mu_r, lv_r = poe_rows(mu, logvar, rows, prior, check=False)
             kl = gaussian_kl(mu_r, lv_r)
         z = rsample(mu_r, lv_r)
         rec = log_lik(z)
         elbo = rec - beta * kl
         logs = {}
-        if self.unimodal_elbos:                                             # the authors' default: + each modality's own ELBO
+        if self.unimodal_elbos:                                             # the authors' default: + each own ELBO
             eye = torch.eye(M, dtype=torch.bool, device=mu.device)
             umu, ulv = poe(mu, logvar, eye, prior_flags(eye, self.prior_expert), check=False)    # (M, B, D)
             zu = rsample(umu, ulv)
             rec_u = torch.stack([log_lik(zu[m], modality=m) for m in range(M)])     # (M, B), unweighted as the authors'
             elbo_u = rec_u - beta * gaussian_kl(umu, ulv)
-            if observed is not None: elbo_u = torch.where(observed.T, elbo_u, torch.zeros((), dtype=elbo_u.dtype, device=elbo_u.device))
+            if observed is not None:
+                elbo_u = torch.where(observed.T, elbo_u, torch.zeros((), dtype=elbo_u.dtype, device=elbo_u.device))
             elbo = elbo + elbo_u.sum(0)
             logs["unimodal_elbo"] = elbo_u.sum(0).mean().detach()
         loss = -elbo.mean()
@@ -289,7 +323,8 @@ class SubsetELBOs(Objective):
             a = allowed_subsets(mask, observed).T.to(rec.dtype)             # (K, B): each row's subsets
             a = a / a.sum(0, keepdim=True)
             elbo = (torch.where(a > 0, rec - beta * kl, torch.zeros((), dtype=rec.dtype, device=rec.device)) * a).sum(0)
-            rec, kl = ((torch.where(a > 0, t, torch.zeros((), dtype=t.dtype, device=t.device)) * a).sum(0) for t in (rec, kl))
+            rec, kl = ((torch.where(a > 0, t, torch.zeros((), dtype=t.dtype, device=t.device)) * a).sum(0)
+                       for t in (rec, kl))
         loss = -elbo.mean()
         return loss, _logs(loss, rec, kl)
 
@@ -299,13 +334,18 @@ for _cls in (MoPoE, MVAE, MMVAE, SubsetELBOs): register_objective(_cls)
 # %% ../nbs/02_objectives.ipynb #c005q
 @register_objective
 class MoPoEAux(MoPoE):
-    "MoPoE with private latents where modalities outside the sampled subset are decoded with w ~ r_n = N(0, diag sigma_n^2), sigma_n learnable."
+    ("MoPoE with private latents where modalities outside the sampled subset are decoded with "
+     "w ~ r_n = N(0, diag sigma_n^2), sigma_n learnable.")
     name, needs_private = "mopoe_aux", True
-    equation = "Eq. 6, modalities outside the sampled subset decoded with w ~ r_n(w) (MMVAE+, Palumbo et al. 2023, Eq. 5)"
+    equation = ("Eq. 6, modalities outside the sampled subset decoded with w ~ r_n(w) "
+                "(MMVAE+, Palumbo et al. 2023, Eq. 5)")
 
     def setup(self, model):
-        if not model.private_dim: raise ValueError("objective 'mopoe_aux' needs modality-specific latents: build the model with private_dim > 0")
-        self.aux_logscale = nn.ParameterDict({m: nn.Parameter(torch.zeros(model.private_dim)) for m in model.modalities})
+        if not model.private_dim:
+            raise ValueError("objective 'mopoe_aux' needs modality-specific latents: build the model with "
+                             "private_dim > 0")
+        self.aux_logscale = nn.ParameterDict({m: nn.Parameter(torch.zeros(model.private_dim))
+                                              for m in model.modalities})
 
     def private_prior_sample(self, model, modality, lead_shape, like):
         "w ~ r_n = N(0, diag sigma_n^2) for `modality` (reparameterised: sigma_n trains)."
@@ -322,7 +362,8 @@ class MoPoEAux(MoPoE):
         col = {m: i for i, m in enumerate(model.modalities)}
         def log_lik(z, modality=None):
             w = model.sample_private(private, z.shape[:-1])
-            w = {m: torch.where(in_s[:, col[m], None], w[m], self.private_prior_sample(model, m, z.shape[:-1], z)) for m in w}
+            w = {m: torch.where(in_s[:, col[m], None], w[m], self.private_prior_sample(model, m, z.shape[:-1], z))
+                 for m in w}
             return model.reconstruct(x, observed, z, w)
         loss, logs = self.loss(mu, lv, log_lik, beta, observed=observed, ids=ids, check=False)
         klp = model.private_kl(private, observed)
