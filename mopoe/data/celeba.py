@@ -4,13 +4,23 @@
 
 # %% ../../nbs/05f_celeba.ipynb #c002
 from __future__ import annotations
+
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mopoe.data.core import (
+    ALPHABET,
+    DatasetInfo,
+    MultimodalDataset,
+    build_cached,
+    check_source,
+    files_fingerprint,
+    register_dataset,
+    text_to_indices,
+)
 from ..nets import PAPER_SETUPS, make_networks
-from .core import ALPHABET, DatasetInfo, MultimodalDataset, build_cached, check_source, files_fingerprint, register_dataset, text_to_indices
 from .files import DataFormatError, continue_command, missing_data
 from .standins import draw_faces
 
@@ -29,7 +39,7 @@ CELEBA_ATTRIBUTES = (
 
 def celeba_text(attrs, length: int = 256, rng: np.random.Generator | None = None) -> str:
     "Attribute text: present attributes, lower case, ', '-joined, padded to `length` (random offset with `rng`)."
-    names = [n.lower().replace("_", " ") for n, a in zip(CELEBA_ATTRIBUTES, np.asarray(attrs)) if a > 0]
+    names = [n.lower().replace("_", " ") for n, a in zip(CELEBA_ATTRIBUTES, np.asarray(attrs), strict=True) if a > 0]
     while names and len(", ".join(names)) > length: names.pop()
     s = ", ".join(names)
     off = int(rng.integers(length - len(s) + 1)) if rng is not None else 0
@@ -46,18 +56,23 @@ def read_celeba_attributes(folder) -> tuple:
     for f in (af, pf):
         if not f.is_file(): raise FileNotFoundError(f"CelebA file not found: {f}")
     lines = af.read_text().splitlines()
-    if len(lines) < 2 or not lines[0].strip().isdigit(): raise DataFormatError(f"{af}: line 1 must be the number of images")
-    if tuple(lines[1].split()) != CELEBA_ATTRIBUTES: raise DataFormatError(f"{af}: line 2 is not CelebA's 40 attribute names")
+    if len(lines) < 2 or not lines[0].strip().isdigit():
+        raise DataFormatError(f"{af}: line 1 must be the number of images")
+    if tuple(lines[1].split()) != CELEBA_ATTRIBUTES:
+        raise DataFormatError(f"{af}: line 2 is not CelebA's 40 attribute names")
     rows = [l.split() for l in lines[2:] if l.strip()]
-    if len(rows) != int(lines[0]): raise DataFormatError(f"{af}: line 1 announces {int(lines[0])} images, the file lists {len(rows)} (truncated?)")
+    if len(rows) != int(lines[0]):
+        raise DataFormatError(f"{af}: line 1 announces {int(lines[0])} images, the file lists {len(rows)} (truncated?)")
     for k, r in enumerate(rows):
         if len(r) != 41 or any(v not in ("1", "-1") for v in r[1:]):
-            raise DataFormatError(f"{af}, line {k + 3}: expected a file name and 40 values of 1 or -1, got {' '.join(r)[:80]!r}")
+            raise DataFormatError(f"{af}, line {k + 3}: expected a file name and 40 values of 1 or -1, "
+                                  f"got {' '.join(r)[:80]!r}")
     part = {}
     for k, l in enumerate(pf.read_text().splitlines()):
         if not l.strip(): continue
         p = l.split()
-        if len(p) != 2 or p[1] not in ("0", "1", "2"): raise DataFormatError(f"{pf}, line {k + 1}: expected '<file> 0|1|2', got {l[:80]!r}")
+        if len(p) != 2 or p[1] not in ("0", "1", "2"):
+            raise DataFormatError(f"{pf}, line {k + 1}: expected '<file> 0|1|2', got {l[:80]!r}")
         part[p[0]] = int(p[1])
     names = [r[0] for r in rows]
     lost = [n for n in names if n not in part]
@@ -88,7 +103,7 @@ CELEBA_HOW = ("get img_align_celeba.zip (unzip it there), list_attr_celeba.txt a
 
 # %% ../../nbs/05f_celeba.ipynb #c011_1
 def celeba_files(root="data", folder=None, download: bool = True, then: str | None = None) -> Path:
-    "The folder with CelebA's files (`folder` or `root/celeba`), fetched by torchvision first if missing and `download`."
+    "The folder with CelebA's files (`folder` or `root/celeba`), fetched by torchvision if missing and `download`."
     folder = Path(folder) if folder is not None else Path(root) / "celeba"
     missing = lambda: [f for f in CELEBA_FILES if not (folder / f).exists()]
     if missing() and download and folder == Path(root) / "celeba":
@@ -96,7 +111,8 @@ def celeba_files(root="data", folder=None, download: bool = True, then: str | No
             from torchvision.datasets import CelebA
             CelebA(str(root), split="all", target_type="attr", download=True)
         except Exception as e:
-            if missing(): raise missing_data("CelebA", missing(), folder, CELEBA_HOW, then, f"the download failed: {type(e).__name__}: {e}") from None
+            if missing(): raise missing_data("CelebA", missing(), folder, CELEBA_HOW, then,
+                                             f"the download failed: {type(e).__name__}: {e}") from None
     if missing(): raise missing_data("CelebA", missing(), folder, CELEBA_HOW, then)
     return folder
 
@@ -104,9 +120,10 @@ def celeba_files(root="data", folder=None, download: bool = True, then: str | No
 def celeba(root="data", num_train: int | None = None, num_test: int | None = None, seed: int = 0,
            source: str = "offline", folder=None, download: bool = True, text_length: int = 256,
            random_offset: bool = True, cache: bool = True, verbose: bool = False):
-    "Bimodal CelebA (train, test, info); 'offline' = synthetic drawn faces, 'real' = CelebA's files (torchvision's layout)."
+    "Bimodal CelebA (train, test, info); 'offline': synthetic drawn faces, 'real': CelebA's files (torchvision layout)."
     check_source("celeba", source)
-    folder = celeba_files(root, folder, download, continue_command("celeba", source, root)) if source == "real" else None
+    folder = (celeba_files(root, folder, download, continue_command("celeba", source, root)) if source == "real" else
+              None)
     if source == "offline": num_train, num_test = num_train or 4000, num_test or 1000
     key = {"source": source, "num_train": num_train, "num_test": num_test, "seed": seed,
            "text_length": text_length, "random_offset": random_offset}
@@ -117,7 +134,8 @@ def celeba(root="data", num_train: int | None = None, num_test: int | None = Non
         out = {}
         for k, (split, n) in enumerate((("train", num_train), ("test", num_test))):
             rng = np.random.default_rng([seed, 30 + k])
-            imgs, attrs = draw_faces(n, rng, 64, CELEBA_ATTRIBUTES) if source == "offline" else read_celeba_folder(folder, split, n)
+            imgs, attrs = (draw_faces(n, rng, 64, CELEBA_ATTRIBUTES) if source == "offline" else
+                           read_celeba_folder(folder, split, n))
             trng = np.random.default_rng([seed, 40 + k]) if random_offset else None
             text = np.stack([text_to_indices(celeba_text(a, text_length, trng), text_length) for a in attrs]) \
                 if len(attrs) else np.empty((0, text_length), np.uint8)
@@ -136,5 +154,6 @@ def celeba(root="data", num_train: int | None = None, num_test: int | None = Non
                        {"train": len(train), "test": len(test)}, source, key, sec, hit, path, note)
     return train, test, info
 
+# the cpu preset: measured on a 2-core CPU, offline data (README)
 register_dataset("celeba", celeba, CELEBA_SOURCES, networks=make_networks, paper_setup=PAPER_SETUPS["celeba"],
-                 cpu_preset=dict(latent_dim=32, private_dim=32, beta=2.5, lr=5e-4, batch_size=64, epochs=2))   # the cpu preset: measured on a 2-core CPU, offline data (README)
+                 cpu_preset=dict(latent_dim=32, private_dim=32, beta=2.5, lr=5e-4, batch_size=64, epochs=2))

