@@ -36,8 +36,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_objective import build, machine_info, polymnist_info   # noqa: E402
-
+from bench_objective import build, machine_info, polymnist_info  # noqa: E402
 
 class SyntheticPolyMNIST:
     "n tuples ({m: (3, 28, 28) in [0, 1]}, digit) with M modalities, fixed by `seed`."
@@ -53,6 +52,7 @@ class SyntheticPolyMNIST:
 
 def classifiers_for(info):
     import torch
+
     from mopoe.nets import make_classifier
     torch.manual_seed(3)
     return {m: make_classifier(info, m) for m in info.modalities}
@@ -75,6 +75,7 @@ def time_evaluate(model, train, test, info, clfs, args) -> dict:
 def time_primitives(model, train, test, info, clfs, args) -> dict:
     "The model-level primitives evaluate is built from, one encoder pass per test batch reused."
     import torch
+
     from mopoe.experts import subset_mask, subset_names
     names = subset_names(subset_mask(len(info.modalities)), info.modalities)
     T = dict(latent=0.0, coherence=0.0, loglik=0.0, encode=0.0)
@@ -100,53 +101,60 @@ def time_primitives(model, train, test, info, clfs, args) -> dict:
 
 
 def loglik_ab(args) -> dict:
-    "Per-proposal calls vs one batched call of `model.log_likelihoods`, interleaved, for each M: seconds, decoder calls."
+    "Per-proposal calls vs one batched call of `model.log_likelihoods`, interleaved, per M: seconds, decoder calls."
     import torch
     torch.set_num_threads(args.threads)
-    out = {"machine": machine_info(args.threads), "settings": {"num_test": args.num_test, "num_samples": args.num_samples,
-           "decode_rows": args.decode_rows, "latent": args.latent, "repeats": args.repeats, "threads": args.threads}, "results": []}
-    for M in args.modalities:
-        model = build("mopoe", M, args.latent).eval()
-        model.check_inputs = False
-        x = SyntheticPolyMNIST(args.num_test, M, 1).x
-        givens, K, calls = model.all_subsets(), args.num_samples, [0]
-        for d in model.decoders.values(): d.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-
-        with torch.no_grad(): ex_all = model.experts(x)                            # one encoder pass, sliced (as the metric)
-
-        def chunks(rows):
-            from mopoe.evaluate import _chunks
-            return _chunks(x, ex_all, len(x["m0"]), rows)
-
-        def per_proposal():
-            for xs, ex in chunks(max(1, args.decode_rows // K)):
-                for g in givens: model.log_likelihoods(xs, [g], K, experts=ex)
-                model.log_likelihoods(xs, [], K, experts=ex, training_mixture=True)
-
-        def batched():
-            for xs, ex in chunks(max(1, args.decode_rows // (K * (len(givens) + 1)))):
-                model.log_likelihoods(xs, givens, K, experts=ex, training_mixture=True, decode_rows=args.decode_rows)
-
-        arms = {"per proposal": per_proposal, "batched": batched}
-        secs, ncalls = {a: [] for a in arms}, {}
-        with torch.no_grad():
-            batched(); per_proposal()                                              # warm-up: caches, allocator
-            for _ in range(args.repeats):
-                for name, f in arms.items():
-                    calls[0] = 0
-                    t = time.perf_counter(); f(); secs[name].append(time.perf_counter() - t)
-                    ncalls[name] = calls[0]
-        r = {"M": M, "proposals": len(givens) + 1}
-        for name in arms:
-            med = sorted(secs[name])[len(secs[name]) // 2]
-            r[name] = {"seconds_median": med, "seconds": secs[name], "decoder_calls": ncalls[name],
-                       "examples_per_s": args.num_test / med}
-        r["speedup"] = r["per proposal"]["seconds_median"] / r["batched"]["seconds_median"]
-        out["results"].append(r)
-        print(f"M={M}: per proposal {r['per proposal']['seconds_median']:.2f} s ({ncalls['per proposal']} decoder calls), "
-              f"batched {r['batched']['seconds_median']:.2f} s ({ncalls['batched']} calls): {r['speedup']:.2f}x", flush=True)
+    out = {"machine": machine_info(args.threads),
+           "settings": {"num_test": args.num_test, "num_samples": args.num_samples, "decode_rows": args.decode_rows,
+                        "latent": args.latent, "repeats": args.repeats, "threads": args.threads}, "results": []}
+    for M in args.modalities: out["results"].append(loglik_ab_at(args, M))
     out["machine"]["loadavg_end"] = os.getloadavg()
     return out
+
+
+def loglik_ab_at(args, M: int) -> dict:
+    "`loglik_ab` at M modalities: its own model, data and timed arms."
+    import torch
+    model = build("mopoe", M, args.latent).eval()
+    model.check_inputs = False
+    x = SyntheticPolyMNIST(args.num_test, M, 1).x
+    givens, K, calls = model.all_subsets(), args.num_samples, [0]
+    for d in model.decoders.values(): d.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+
+    with torch.no_grad(): ex_all = model.experts(x)                       # one encoder pass, sliced (as the metric)
+
+    def chunks(rows):
+        from mopoe.evaluate import _chunks
+        return _chunks(x, ex_all, len(x["m0"]), rows)
+
+    def per_proposal():
+        for xs, ex in chunks(max(1, args.decode_rows // K)):
+            for g in givens: model.log_likelihoods(xs, [g], K, experts=ex)
+            model.log_likelihoods(xs, [], K, experts=ex, training_mixture=True)
+
+    def batched():
+        for xs, ex in chunks(max(1, args.decode_rows // (K * (len(givens) + 1)))):
+            model.log_likelihoods(xs, givens, K, experts=ex, training_mixture=True, decode_rows=args.decode_rows)
+
+    arms = {"per proposal": per_proposal, "batched": batched}
+    secs, ncalls = {a: [] for a in arms}, {}
+    with torch.no_grad():
+        batched(); per_proposal()                                                  # warm-up: caches, allocator
+        for _ in range(args.repeats):
+            for name, f in arms.items():
+                calls[0] = 0
+                t = time.perf_counter(); f(); secs[name].append(time.perf_counter() - t)
+                ncalls[name] = calls[0]
+    r = {"M": M, "proposals": len(givens) + 1}
+    for name in arms:
+        med = sorted(secs[name])[len(secs[name]) // 2]
+        r[name] = {"seconds_median": med, "seconds": secs[name], "decoder_calls": ncalls[name],
+                   "examples_per_s": args.num_test / med}
+    r["speedup"] = r["per proposal"]["seconds_median"] / r["batched"]["seconds_median"]
+    print(f"M={M}: per proposal {r['per proposal']['seconds_median']:.2f} s ({ncalls['per proposal']} decoder "
+          f"calls), batched {r['batched']['seconds_median']:.2f} s ({ncalls['batched']} calls): {r['speedup']:.2f}x",
+          flush=True)
+    return r
 
 
 def format_ab_table(res: dict) -> str:
@@ -157,15 +165,17 @@ def format_ab_table(res: dict) -> str:
         a, b = r["per proposal"], r["batched"]
         rows.append(f"| {r['M']} | {r['proposals']} | {a['seconds_median']:.2f}, {a['decoder_calls']} | "
                     f"{b['seconds_median']:.2f}, {b['decoder_calls']} | {r['speedup']:.2f}x |")
-    return "\n".join(rows) + (f"\n\n{st['num_test']} test tuples, {st['num_samples']} samples, ~{st['decode_rows']} latents a decoder "
-                              f"call, latent {st['latent']}, median of {st['repeats']}, {st['threads']} thread(s)")
+    return "\n".join(rows) + (f"\n\n{st['num_test']} test tuples, {st['num_samples']} samples, ~{st['decode_rows']} "
+                              f"latents a decoder call, latent {st['latent']}, median of {st['repeats']}, "
+                              f"{st['threads']} thread(s)")
 
 
 def run(args) -> dict:
     import torch
     torch.set_num_threads(args.threads)
     res = {"machine": machine_info(args.threads), "settings": {
-        "batch": args.batch, "latent": args.latent, "num_test": args.num_test, "num_latent_train": args.num_latent_train,
+        "batch": args.batch, "latent": args.latent, "num_test": args.num_test,
+        "num_latent_train": args.num_latent_train,
         "num_samples": args.num_samples, "threads": args.threads, "quick": args.quick, "model": "mopoe, untrained",
         "data": "synthetic PolyMNIST-shaped tensors"}, "results": []}
     for M in args.modalities:
@@ -212,14 +222,17 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=("auto", "evaluate", "primitives"), default="auto")
-    p.add_argument("--quick", action="store_true", help="CI smoke run: M=2, batch 8, latent 16, 16 test examples, 1 thread")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: M=2, batch 8, latent 16, 16 test examples, 1 thread")
     p.add_argument("--json", default=None)
     p.add_argument("--loglik-ab", action="store_true", help="per-proposal vs batched log-likelihood, side by side")
-    p.add_argument("--decode-rows", type=int, default=256, help="latents a decoder call (--loglik-ab; the metric: 256 on CPU)")
+    p.add_argument("--decode-rows", type=int, default=256,
+                   help="latents a decoder call (--loglik-ab; the metric: 256 on CPU)")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
     if a.quick:
-        a.modalities, a.batch, a.latent, a.num_test, a.num_latent_train, a.num_samples, a.threads = [2], 8, 16, 16, 20, 3, 1
+        a.modalities, a.batch, a.latent, a.num_test = [2], 8, 16, 16
+        a.num_latent_train, a.num_samples, a.threads = 20, 3, 1
     return a
 
 

@@ -1,5 +1,5 @@
-"""The training loop's own cost per step: a bare PyTorch loop beside `mopoe.learner.Learner` with every default callback,
-on the same model and batches, interleaved in one process.
+"""The training loop's own cost per step: a bare PyTorch loop beside `mopoe.learner.Learner` with every default
+callback, on the same model and batches, interleaved in one process.
 
 With `--ab REV` a third arm runs the loop of an earlier revision (its `mopoe/learner.py`, taken with `git show`, which
 then held the loop, its callbacks and the loggers in one module) on the same model and batches, in the same rounds.
@@ -25,7 +25,6 @@ import torch
 
 from mopoe.learner import KLSchedule, Learner, NaNCheck, Progress
 from mopoe.loggers import JSONLLogger
-
 
 def tiny_setting(steps: int, batch: int):
     "A linear model on random vectors: (model, loss_fn, batches)."
@@ -53,9 +52,10 @@ def main_job_setting(steps: int, batch: int | None):
 
 
 def old_learner(rev: str):
-    "The module mopoe/learner.py of git revision `rev` (the loop, its callbacks and loggers), imported under another name."
+    "The module mopoe/learner.py of git revision `rev` (the loop, its callbacks and loggers) under another name."
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src = subprocess.run(["git", "show", f"{rev}:mopoe/learner.py"], cwd=root, capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(["git", "show", f"{rev}:mopoe/learner.py"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
     path = os.path.join(tempfile.mkdtemp(), "learner_old.py")
     with open(path, "w") as f: f.write(src)
     spec = importlib.util.spec_from_file_location("learner_old", path)
@@ -104,7 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="the main job's batch size (default: the cpu preset's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ab", default=None, metavar="REV", help="also time the loop of this git revision (e.g. 595f7f1)")
-    p.add_argument("--quick", action="store_true", help="CI smoke run: 2 rounds, 20 tiny steps, 2 main-job steps of batch 8")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: 2 rounds, 20 tiny steps, 2 main-job steps of batch 8")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     if a.quick: a.rounds, a.tiny_steps, a.main_steps, a.batch = 2, 20, 2, 8
@@ -122,7 +123,8 @@ def main(argv=None):
     main_job = summary(time_arms(model, loss_fn, batches, args.main_steps, args.rounds, beta, old=old))
     load.append(os.getloadavg()[0])
     res = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": args.threads,
-           "settings": vars(args), "tiny": tiny, "main_job": main_job, "load_average": load, "wall_seconds": time.time() - t0}
+           "settings": vars(args), "tiny": tiny, "main_job": main_job, "load_average": load,
+           "wall_seconds": time.time() - t0}
     for name, r in (("tiny linear model", tiny), ("main job (MoPoE, MNIST-SVHN-Text, cpu preset)", main_job)):
         m = r["median_s"]
         print(f"{name}: bare {m['bare'] * 1e3:.3f} ms/step; " + "; ".join(

@@ -11,12 +11,13 @@ in one process (warm-up first), medians printed with the ratio to MoPoE:
   M decoder calls of M*K*B rows – M^2 times the decoding work of the others;
 - ``mmvaeplus_k4`` (``--variants``): the same with K = 4 (the IWAE/DReG settings scale with K).
 
-Training check (``--train-steps N``; ``--train-objective mopoe`` for the same run with MoPoE): MMVAE+ (paper preset's objective and optimiser: Laplace family, K = 1, beta 2.5,
-Adam with amsgrad at 1e-3, batch 128) for N steps on offline PolyMNIST (num_train 2000, num_test 500); prints the loss
-every 25 steps, then the cross-modal coherence (for each source m and target n != m: z ~ q(z|x_m), w_n ~ r_n, the
-decoded mean classified by a classifier trained on the target modality), self-reconstruction coherence, and the
-linear latent classification on z, and mopoe.evaluate's conditional coherence by number of inputs (the model's
-cond_generate: z from the inputs' unimodal mixture, a missing target's w from r_n). Chance is 0.1.
+Training check (``--train-steps N``; ``--train-objective mopoe`` for the same run with MoPoE): MMVAE+ (paper preset's
+objective and optimiser: Laplace family, K = 1, beta 2.5, Adam with amsgrad at 1e-3, batch 128) for N steps on offline
+PolyMNIST (num_train 2000, num_test 500); prints the loss every 25 steps, then the cross-modal coherence (for each
+source m and target n != m: z ~ q(z|x_m), w_n ~ r_n, the decoded mean classified by a classifier trained on the target
+modality), self-reconstruction coherence, and the linear latent classification on z, and mopoe.evaluate's conditional
+coherence by number of inputs (the model's cond_generate: z from the inputs' unimodal mixture, a missing target's w from
+r_n). Chance is 0.1.
 
 Usage: python benchmarks/bench_mmvaeplus.py [--batch 128] [--repeats 5] [--variants mopoe mmvae mmvaeplus]
        python benchmarks/bench_mmvaeplus.py --train-steps 300 --data-dir /tmp/polymnist
@@ -96,7 +97,8 @@ def bench(args):
         fns[v] = step
     times = time_interleaved(fns, args.repeats)
     med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}; "
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads {torch.get_num_threads()}; "
           f"PolyMNIST networks, M={args.modalities}, batch {args.batch}, latent 32 + private 32, one Adam step, "
           f"{args.repeats} interleaved repeats after a warm-up")
     base = med.get("mopoe")
@@ -151,7 +153,8 @@ def train_check(args):
     g = torch.Generator().manual_seed(args.seed)
     batch = args.train_batch or P["batch_size"]
     loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True, drop_last=True, generator=g)
-    print(f"{args.train_objective} {options or ''} on offline PolyMNIST ({args.train_modalities} modalities, 2000 train / 500 test), {args.train_steps} steps, batch {batch}, "
+    print(f"{args.train_objective} {options or ''} on offline PolyMNIST ({args.train_modalities} modalities, "
+          f"2000 train / 500 test), {args.train_steps} steps, batch {batch}, "
           f"beta {P['beta']}, Adam(amsgrad) lr {P['lr']}, threads {torch.get_num_threads()}")
     step, window, t_train = 0, [], time.perf_counter()
     while step < args.train_steps:
@@ -162,7 +165,8 @@ def train_check(args):
             if step % 25 == 0 or step == 1:
                 print(f"  step {step:4d}  loss {sum(window) / len(window):9.1f}  rec {logs['rec'].item():9.1f}  "
                       f"kl {logs['kl'].item():7.1f}"
-                      + (f"  r_n scales {logs['aux_scale_min'].item():.3f}..{logs['aux_scale_max'].item():.3f}" if "aux_scale_min" in logs else ""),
+                      + (f"  r_n scales {logs['aux_scale_min'].item():.3f}..{logs['aux_scale_max'].item():.3f}"
+                         if "aux_scale_min" in logs else ""),
                       flush=True)
                 window = []
             if step >= args.train_steps: break
@@ -174,8 +178,10 @@ def train_check(args):
     lat = latent_classification(model, train, test, info, num_train=500)
     per = lat["per_subset"]
     uni = {k: round(v, 3) for k, v in per.items() if "," not in k}
-    print(f"trained in {t_train:.0f} s ({t_train / args.train_steps:.2f} s/step); classifiers' test accuracy {clf.scores}")
-    print(f"cross-modal coherence ({len(coh['pairs']) - len(info.modalities)} pairs): mean {coh['cross_mean']:.3f}, min {coh['cross_min']:.3f}, max {coh['cross_max']:.3f}; "
+    print(f"trained in {t_train:.0f} s ({t_train / args.train_steps:.2f} s/step); "
+          f"classifiers' test accuracy {clf.scores}")
+    print(f"cross-modal coherence ({len(coh['pairs']) - len(info.modalities)} pairs): mean {coh['cross_mean']:.3f}, "
+          f"min {coh['cross_min']:.3f}, max {coh['cross_max']:.3f}; "
           f"self-reconstruction coherence mean {coh['self_mean']:.3f}; chance 0.1")
     print(f"latent classification on z (logistic regression on 500 encodings; unimodal): {uni}; "
           f"mean over all {len(per)} subsets (one unimodal mean per row) {sum(per.values()) / len(per):.3f}")
@@ -201,11 +207,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier-epochs", type=int, default=8)
     p.add_argument("--train-objective", default="mmvaeplus", choices=("mmvaeplus", "mopoe", "mmvae"),
-                   help="training check: the objective (the others for comparison, same networks, latents, beta, optimiser)")
-    p.add_argument("--train-modalities", type=int, default=5, help="training check: PolyMNIST modalities (M^2 decoder passes)")
-    p.add_argument("--train-family", default=None, choices=("laplace", "gaussian"), help="training check: MMVAE+'s latent family (default: the preset's laplace)")
+                   help="training check: the objective (the others for comparison, same networks, latents, beta, "
+                        "optimiser)")
+    p.add_argument("--train-modalities", type=int, default=5,
+                   help="training check: PolyMNIST modalities (M^2 decoder passes)")
+    p.add_argument("--train-family", default=None, choices=("laplace", "gaussian"),
+                   help="training check: MMVAE+'s latent family (default: the preset's laplace)")
     p.add_argument("--save", default=None, help="training check: write the trained model's state_dict here")
-    p.add_argument("--train-batch", type=int, default=None, help="training check's batch (default: the paper preset's 128)")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="training check's batch (default: the paper preset's 128)")
     args = p.parse_args(argv)
     if args.train_steps: train_check(args)
     else: bench(args)

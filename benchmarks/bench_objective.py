@@ -16,8 +16,8 @@ on synthetic tensors of PolyMNIST's shape and times, interleaved in one process,
 - ``mopoe_masked``: MoPoE with a per-tuple availability mask (each modality of each tuple missing with probability
   0.25, at least one kept; the missing entries hold NaN) – the cost of per-tuple subsets.
 - ``mopoe_exact``: MoPoE with ``kl="subset_average"`` (the exact subset-average KL, the default before ``auto``).
-- with ``--successors``: the objectives of issue 29 that are registered (``mmvm``, ``code_vae``, ``cmvae``), each with its
-  default options, timed in the same interleaved rounds as MoPoE (an objective that needs private latents gets
+- with ``--successors``: the objectives of issue 29 that are registered (``mmvm``, ``code_vae``, ``cmvae``), each with
+  its default options, timed in the same interleaved rounds as MoPoE (an objective that needs private latents gets
   ``SUCCESSOR_PRIVATE_DIM`` of them).
 
 and separately the fusion alone on random experts (M, B, D) that require grad: MixtureOfProducts
@@ -36,7 +36,8 @@ batching, the loop, its callbacks, the optimizer) of this tree against other che
 commit exported with ``git archive``). Each measurement is a fresh interpreter with ``PYTHONPATH`` set to one tree that
 trains PolyMNIST's cpu preset nets (M = 5, latent 64, batch 64, random uint8 tuples) for ``K0`` and for ``K0 + K``
 steps in one process, after an untimed one-step run (imports, lazy caches); (T(K0 + K) - T(K0)) / K is the step time
-without the fixed costs (building the model, the first steps). The trees alternate within every round (order rotated), ``--repeats`` rounds, median and spread reported.
+without the fixed costs (building the model, the first steps). The trees alternate within every round (order
+rotated), ``--repeats`` rounds, median and spread reported.
 
 Usage: python benchmarks/bench_objective.py [--modalities 2 3 5 8 10 12] [--json out.json] [--quick] [--successors]
        python benchmarks/bench_objective.py --trainer-ab /tmp/b802ad6 [--repeats 5] [--json ab.json]
@@ -93,6 +94,7 @@ def polymnist_info(M: int):
 def build(variant: str, M: int, latent: int, seed: int = 0, beta: float = 2.5, scale: float = 0.75):
     "The MultimodalVAE of `variant` (the bare variant uses the mopoe model's networks and likelihoods)."
     import torch
+
     from mopoe.likelihoods import get_likelihood
     from mopoe.model import MultimodalVAE, default_rec_weights
     from mopoe.nets import make_networks
@@ -104,8 +106,8 @@ def build(variant: str, M: int, latent: int, seed: int = 0, beta: float = 2.5, s
     kl = "subset_average" if variant == "mopoe_exact" else "auto"
     private = SUCCESSOR_PRIVATE_DIM if variant in SUCCESSORS and _needs_private(variant) else 0
     if private: enc, dec = make_networks(info, latent, private)
-    model = MultimodalVAE(enc, dec, liks, latent, private, objective=objective, rec_weights=default_rec_weights(info.data_dims),
-                          shapes=info.shapes, kl=kl)
+    model = MultimodalVAE(enc, dec, liks, latent, private, objective=objective,
+                          rec_weights=default_rec_weights(info.data_dims), shapes=info.shapes, kl=kl)
     model.bench_beta = beta                                  # the KL weight the steps use (the model holds no β)
     return model
 
@@ -135,6 +137,7 @@ def make_observed(M: int, batch: int, rate: float = MISSING_RATE, seed: int = 3)
 def bare_loss(model, x: dict):
     "M independent single-Gaussian VAEs on the model's encoders/decoders: negative ELBO summed over modalities."
     import torch
+
     from mopoe.experts import gaussian_kl
     total = 0.0
     for m in model.modalities:
@@ -153,9 +156,11 @@ def make_step(variant: str, model, x: dict, lr: float = 1e-3):
         import torch
         M, B = len(x), next(iter(x.values())).shape[0]
         obs = make_observed(M, B)
-        x = {m: torch.where(obs[:, i, None, None, None], t, torch.full_like(t, float("nan"))) for i, (m, t) in enumerate(x.items())}
+        x = {m: torch.where(obs[:, i, None, None, None], t, torch.full_like(t, float("nan")))
+             for i, (m, t) in enumerate(x.items())}
         loss_fn = lambda: model.loss(x, beta=model.bench_beta, observed=obs)[0]
-    else: loss_fn = (lambda: bare_loss(model, x)) if variant == "bare" else (lambda: model.loss(x, beta=model.bench_beta)[0])
+    elif variant == "bare": loss_fn = lambda: bare_loss(model, x)
+    else: loss_fn = lambda: model.loss(x, beta=model.bench_beta)[0]
     def step():
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
@@ -175,7 +180,8 @@ def make_data(M: int, batch: int, seed: int = 1):
 def make_fusion(M: int, batch: int, latent: int, kl: str = "subset_average", seed: int = 2):
     "A closure timing the fusion alone on random experts: rsample + the KL estimator `kl` + backward."
     import torch
-    from mopoe.experts import MixtureOfProducts, component_ids, subset_mask, poe_rows, gaussian_kl, sampled_subset_kl
+
+    from mopoe.experts import MixtureOfProducts, component_ids, gaussian_kl, poe_rows, sampled_subset_kl, subset_mask
     from mopoe.objectives import KL_SAMPLES
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(M, batch, latent, generator=g).requires_grad_()
@@ -198,7 +204,8 @@ def make_fusion(M: int, batch: int, latent: int, kl: str = "subset_average", see
 def sampled_kl_spread(mu, lv, mask, draws: int = 30) -> dict:
     "Exact batch-mean KL and, per sampled estimator, the mean/std over draws of its batch mean and of one row's value."
     import torch
-    from mopoe.experts import MixtureOfProducts, component_ids, poe_rows, gaussian_kl, sampled_subset_kl
+
+    from mopoe.experts import MixtureOfProducts, component_ids, gaussian_kl, poe_rows, sampled_subset_kl
     from mopoe.objectives import KL_SAMPLES
     with torch.no_grad():
         q = MixtureOfProducts(mu, lv, mask, "full")
@@ -216,7 +223,8 @@ def sampled_kl_spread(mu, lv, mask, draws: int = 30) -> dict:
         out[name] = {"batch_mean": statistics.fmean(means), "batch_mean_std": statistics.stdev(means),
                      "relative_std_batch": statistics.stdev(means) / exact,
                      "relative_std_per_row": float((rows.std(0) / exact_rows).mean()),
-                     "bias_in_standard_errors": (statistics.fmean(means) - exact) / (statistics.stdev(means) / draws ** 0.5)}
+                     "bias_in_standard_errors": ((statistics.fmean(means) - exact)
+                                                 / (statistics.stdev(means) / draws ** 0.5))}
     # the earlier field names: the one-component-per-row estimator
     out.update(sampled_mean=out["row_subset"]["batch_mean"], sampled_std=out["row_subset"]["batch_mean_std"],
                relative_std=out["row_subset"]["relative_std_batch"])
@@ -244,7 +252,10 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
 def child_memory(variant: str, M: int, batch: int, latent: int, threads: int) -> dict:
     "Peak RSS of two training steps of `variant` (or the fusion) in this fresh process."
     import torch
-    import mopoe.model, mopoe.nets, mopoe.experts  # noqa: F401  (imports are part of the baseline)
+
+    import mopoe.experts  # noqa: F401  (imports are part of the baseline)
+    import mopoe.model  # noqa: F401
+    import mopoe.nets  # noqa: F401
     torch.set_num_threads(threads)
     after_import = _rss_mb()
     if variant in ("fusion", "fusion_sampled_kl"):
@@ -296,7 +307,8 @@ def run(args) -> dict:
     res = {"machine": machine_info(args.threads), "settings": {
         "batch": args.batch, "latent": args.latent, "repeats": args.repeats, "modalities": args.modalities,
         "threads": args.threads, "quick": args.quick, "powerset_max_m": args.powerset_max_m,
-        "beta": 2.5, "likelihood": "laplace(scale=0.75)", "prior_expert": "auto", "kl": "auto", "optimizer": "Adam(lr=1e-3)",
+        "beta": 2.5, "likelihood": "laplace(scale=0.75)", "prior_expert": "auto", "kl": "auto",
+        "optimizer": "Adam(lr=1e-3)",
         "missing_rate_of_mopoe_masked": MISSING_RATE, "successors": args.successors,
         "bare": "M independent single-Gaussian VAEs on the same encoders/decoders (Laplace log-lik - beta*KL)"},
         "results": []}
@@ -318,7 +330,8 @@ def run(args) -> dict:
              "fusion": times["fusion"], "fusion_sampled_kl": times["fusion_sampled_kl"],
              "fusion_subset_sample": times["fusion_subset_sample"],
              "fusion_fraction_of_mopoe_step": times["fusion"]["median"] / times["mopoe"]["median"],
-             "fusion_per_subset_element_ns": times["fusion"]["median"] / ((2 ** M - 1) * args.batch * args.latent) * 1e9,
+             "fusion_per_subset_element_ns": (times["fusion"]["median"] / ((2 ** M - 1) * args.batch * args.latent)
+                                              * 1e9),
              "sampled_kl": sampled_kl_spread(*experts)}
         del fns, x, fus, fus_s, fus_ss, experts; gc.collect()
         if M in args.memory_modalities:
@@ -350,8 +363,12 @@ def check_targets(results: list) -> dict:
     "The issue's targets, where the run measured them."
     by = {r["M"]: r for r in results}
     t = {}
-    if 5 in by: t["mopoe_step_le_1.10x_bare_at_M5"] = {"value": by[5]["ratio_to_bare"]["mopoe"], "met": by[5]["ratio_to_bare"]["mopoe"] <= 1.10}
-    if 10 in by: t["mopoe_step_le_1.25x_bare_at_M10"] = {"value": by[10]["ratio_to_bare"]["mopoe"], "met": by[10]["ratio_to_bare"]["mopoe"] <= 1.25}
+    if 5 in by:
+        t["mopoe_step_le_1.10x_bare_at_M5"] = {"value": by[5]["ratio_to_bare"]["mopoe"],
+                                               "met": by[5]["ratio_to_bare"]["mopoe"] <= 1.10}
+    if 10 in by:
+        t["mopoe_step_le_1.25x_bare_at_M10"] = {"value": by[10]["ratio_to_bare"]["mopoe"],
+                                                "met": by[10]["ratio_to_bare"]["mopoe"] <= 1.25}
     if 10 in by and "memory_ratio_to_bare" in by[10]:
         v = by[10]["memory_ratio_to_bare"].get("mopoe")
         if v is not None: t["mopoe_peak_memory_le_1.5x_bare_at_M10"] = {"value": v, "met": v <= 1.5}
@@ -384,24 +401,26 @@ def format_row(r: dict) -> str:
 
 def format_table(res: dict) -> str:
     "A markdown table of the run."
-    rows = ["| M | subsets | bare (s) | mopoe (default) | mopoe masked | masked / complete | mopoe, exact KL | mvae | mmvae | "
-            "subset_elbos (Eq. 5) | fusion, exact KL (s) | fusion, subset_sample (s) | fusion, row_subset (s) | "
-            "peak RSS bare (GB) | peak RSS mopoe (GB) | mopoe / bare memory | masked / complete memory |",
+    rows = ["| M | subsets | bare (s) | mopoe (default) | mopoe masked | masked / complete | mopoe, exact KL | mvae "
+            "| mmvae | subset_elbos (Eq. 5) | fusion, exact KL (s) | fusion, subset_sample (s) "
+            "| fusion, row_subset (s) | peak RSS bare (GB) | peak RSS mopoe (GB) | mopoe / bare memory "
+            "| masked / complete memory |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         tm, ra = r["times"], r["ratio_to_bare"]
-        cell = lambda v: f"{tm[v]['median']:.3f} s ({ra[v]:.2f}×)" if v in tm else "–"
+        cell = lambda v: f"{tm[v]['median']:.3f} s ({ra[v]:.2f}×)" if v in tm else "–"  # noqa: B023
         if "subset_elbos" in tm: ps = cell("subset_elbos")
         elif "powerset_extrapolated" in r:
             e = r["powerset_extrapolated"]; ps = f"≈{e['seconds']:.0f} s ({e['ratio_to_bare']:.0f}×), extrapolated"
         else: ps = "–"
         mem = r.get("memory", {})
-        gb = lambda v: f"{mem[v]['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in mem.get(v, {}) else "–"
+        gb = lambda v: f"{mem[v]['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in mem.get(v, {}) else "–"  # noqa: B023
         mr = r.get("memory_ratio_to_bare", {}).get("mopoe")
         mm = r.get("memory_masked_over_complete")
-        rows.append(f"| {r['M']} | {r['subsets']} | {tm['bare']['median']:.3f} | {cell('mopoe')} | {cell('mopoe_masked')} | "
-                    f"{r['masked_over_complete']:.3f} | {cell('mopoe_exact')} | {cell('mvae')} | "
-                    f"{cell('mmvae')} | {ps} | {r['fusion']['median']:.3f} | {r['fusion_subset_sample']['median']:.3f} | "
+        rows.append(f"| {r['M']} | {r['subsets']} | {tm['bare']['median']:.3f} | {cell('mopoe')} | "
+                    f"{cell('mopoe_masked')} | {r['masked_over_complete']:.3f} | {cell('mopoe_exact')} | "
+                    f"{cell('mvae')} | {cell('mmvae')} | {ps} | {r['fusion']['median']:.3f} | "
+                    f"{r['fusion_subset_sample']['median']:.3f} | "
                     f"{r['fusion_sampled_kl']['median']:.3f} | {gb('bare')} | {gb('mopoe')} | "
                     f"{'–' if mr is None else f'{mr:.2f}×'} | {'–' if mm is None else f'{mm:.3f}'} |")
     return "\n".join(rows)
@@ -424,6 +443,7 @@ def trainer_child(steps0: int, steps: int, threads: int) -> dict:
     "In a tree's interpreter: seconds of `train` for steps0 and steps0 + steps PolyMNIST cpu-preset steps."
     import tempfile
     import warnings
+
     import torch
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
@@ -434,10 +454,10 @@ def trainer_child(steps0: int, steps: int, threads: int) -> dict:
                        {m: 2352 for m in mods}, 10, False, [str(i) for i in range(10)], {m: True for m in mods})
     def ds(n, seed):
         g = torch.Generator().manual_seed(seed)
-        return MultimodalDataset({m: torch.randint(0, 256, (n, 3, 28, 28), generator=g, dtype=torch.uint8) for m in mods},
-                                 torch.randint(0, 10, (n,), generator=g), {m: "image" for m in mods})
+        return MultimodalDataset({m: torch.randint(0, 256, (n, 3, 28, 28), generator=g, dtype=torch.uint8)
+                                  for m in mods}, torch.randint(0, 10, (n,), generator=g), {m: "image" for m in mods})
     times = {}
-    for k in (1, steps0, steps0 + steps):                                # the first run warms imports and caches (untimed)
+    for k in (1, steps0, steps0 + steps):                      # the first run warms imports and caches (untimed)
         cfg = T.resolve_config(dataset="polymnist", preset="cpu", device="cpu", seed=0, epochs=1,
                                out_dir=tempfile.mkdtemp(), data_dir=tempfile.mkdtemp())
         data = (ds((k + 2) * cfg.batch_size, 0), ds(16, 1), info)       # stops mid-epoch: no test loss, no checkpoint
@@ -460,19 +480,24 @@ def trainer_ab(args) -> dict:
         order = trees[r % len(trees):] + trees[:r % len(trees)]
         for tree in order:
             env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": str(args.threads)}
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--trainer-child", str(args.ab_steps0), str(args.ab_steps),
-                                "--threads", str(args.threads)], env=env, capture_output=True, text=True, timeout=args.child_timeout, cwd=tree)
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--trainer-child", str(args.ab_steps0),
+                                str(args.ab_steps), "--threads", str(args.threads)], env=env, capture_output=True,
+                               text=True, timeout=args.child_timeout, cwd=tree)
             if p.returncode != 0: raise RuntimeError(f"trainer child in {tree} failed: {p.stderr[-1500:]}")
             out = json.loads(p.stdout.strip().splitlines()[-1])
             per[tree].append(out["step_s"])
             print(f"round {r + 1} {tree}: {out['step_s'] * 1000:.1f} ms/step", flush=True)
         load.append(os.getloadavg()[0])
-    stats = {t: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "all_s": v} for t, v in per.items()}
+    stats = {t: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "all_s": v}
+             for t, v in per.items()}
     base = stats[here]["median_s"]
-    return {"trees": trees, "this_tree": here, "settings": {"steps0": args.ab_steps0, "steps": args.ab_steps, "repeats": args.repeats,
-            "threads": args.threads, "setup": "PolyMNIST cpu preset: M=5, latent 64, batch 64, random uint8 tuples"},
+    return {"trees": trees, "this_tree": here,
+            "settings": {"steps0": args.ab_steps0, "steps": args.ab_steps, "repeats": args.repeats,
+                         "threads": args.threads,
+                         "setup": "PolyMNIST cpu preset: M=5, latent 64, batch 64, random uint8 tuples"},
             "step_time": stats, "ratio_to_this_tree": {t: s["median_s"] / base for t, s in stats.items()},
-            "load_average": load, "wall_seconds": time.time() - t0, "machine": platform.processor() or platform.machine()}
+            "load_average": load, "wall_seconds": time.time() - t0,
+            "machine": platform.processor() or platform.machine()}
 
 
 def parse_args(argv=None):
@@ -489,7 +514,8 @@ def parse_args(argv=None):
                    help="the variants whose peak memory is measured (--quick: bare, mopoe)")
     p.add_argument("--child-timeout", type=int, default=300)
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: batch 8, latent 16, M = 2 3, 2 repeats, 1 thread, memory of bare and mopoe at M=2")
+                   help="CI smoke run: batch 8, latent 16, M = 2 3, 2 repeats, 1 thread, memory of bare and mopoe "
+                        "at M=2")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--successors", action="store_true",
                    help=f"also time the registered objectives of {', '.join(SUCCESSORS)} beside MoPoE (issue 29)")
@@ -519,8 +545,8 @@ def main(argv=None):
     if args.trainer_ab:
         res = trainer_ab(args)
         for t, s in res["step_time"].items():
-            print(f"{t}: median {s['median_s'] * 1000:.1f} ms/step (min {s['min_s'] * 1000:.1f}, max {s['max_s'] * 1000:.1f}), "
-                  f"ratio to this tree {res['ratio_to_this_tree'][t]:.3f}")
+            print(f"{t}: median {s['median_s'] * 1000:.1f} ms/step (min {s['min_s'] * 1000:.1f}, "
+                  f"max {s['max_s'] * 1000:.1f}), ratio to this tree {res['ratio_to_this_tree'][t]:.3f}")
         print(f"load average during the run: {', '.join(f'{x:.1f}' for x in res['load_average'])}")
         if args.json:
             with open(args.json, "w") as f: json.dump(res, f, indent=1)

@@ -19,10 +19,12 @@ from mopoe.train import batches, build_data, build_model, resolve_config, seed_e
 VARIANTS = {   # name -> (options, what it tests)
     "cpu": (dict(), "the grid's setting: cpu preset (latent 64, beta 1, batch 64, lr 1e-3), He-init encoders"),
     "paper_init": (dict(encoder_init="paper"), "the same with PyTorch's default init and ReLU (the paper's encoders)"),
-    "prior_full": (dict(prior_expert="full"), "the prior expert only in the full-set product, not in the unimodal ones"),
+    "prior_full": (dict(prior_expert="full"),
+                   "the prior expert only in the full-set product, not in the unimodal ones"),
     "prior_none": (dict(prior_expert="none"), "no prior expert in any product"),
     "warmup": (dict(beta_warmup=1000), "KL weight rising from 0 to beta over 1,000 steps (Wu & Goodman's annealing)"),
-    "missing_0.25": (dict(missing_rate=0.25), "the grid's setting, each modality of a training tuple missing with probability 0.25"),
+    "missing_0.25": (dict(missing_rate=0.25),
+                     "the grid's setting, each modality of a training tuple missing with probability 0.25"),
     "missing_0.75": (dict(missing_rate=0.75), "the same at missing rate 0.75"),
     "paper_setup": (dict(latent_dim=512, beta=2.5, batch_size=256, lr=5e-4, encoder_init="paper"),
                     "the paper's PolyMNIST hyperparameters (latent 512, beta 2.5, batch 256, lr 5e-4, paper encoders)"),
@@ -70,7 +72,8 @@ def check(name, steps, every, num_train, seed=0, data_dir="data"):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--num_train", type=int, default=8000)

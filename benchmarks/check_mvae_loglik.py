@@ -13,7 +13,6 @@ import time
 
 import torch
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600)
@@ -24,14 +23,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from torch.utils.data import DataLoader
-    from mopoe.train import resolve_config, build_data, build_model
+
     from mopoe.experts import subset_mask, subset_names
+    from mopoe.train import build_data, build_model, resolve_config
     cfg = resolve_config(dataset="polymnist", objective="mvae", data_dir=a.data_dir)
     train, test, info = build_data(cfg)
-    variants = {"earlier (prior in the full product only, no unimodal ELBOs)": dict(prior_expert="full", unimodal_elbos=False),
+    variants = {"earlier (prior in the full product only, no unimodal ELBOs)":
+                dict(prior_expert="full", unimodal_elbos=False),
                 "faithful (prior in every product + unimodal ELBOs)": dict()}
-    out = {"steps": a.steps, "num_test": a.num_test, "config": {k: getattr(cfg, k) for k in ("latent_dim", "beta", "lr", "batch_size")},
-           "results": {}}
+    out = {"steps": a.steps, "num_test": a.num_test,
+           "config": {k: getattr(cfg, k) for k in ("latent_dim", "beta", "lr", "batch_size")}, "results": {}}
     xt, _ = next(iter(DataLoader(test, batch_size=a.num_test)))
     mods = list(info.modalities)
     mask = subset_mask(len(mods))
@@ -40,10 +41,11 @@ def main(argv=None):
         torch.manual_seed(0)
         from mopoe.model import MultimodalVAE
         base = build_model(cfg, info)
-        model = MultimodalVAE(dict(base.encoders), dict(base.decoders), base.likelihoods, cfg.latent_dim, 0, objective="mvae",
-                              rec_weights=base.rec_weights, shapes=info.shapes, **opts)
+        model = MultimodalVAE(dict(base.encoders), dict(base.decoders), base.likelihoods, cfg.latent_dim, 0,
+                              objective="mvae", rec_weights=base.rec_weights, shapes=info.shapes, **opts)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True)
+        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
+                            drop_last=True)
         t, step = time.perf_counter(), 0
         while step < a.steps:
             for x, _ in loader:
@@ -53,12 +55,14 @@ def main(argv=None):
                 if step >= a.steps: break
         model.eval()
         torch.manual_seed(1)
-        ll = {n: model.log_likelihood(xt, given=[m for m, on in zip(mods, r.tolist()) if on]).mean().item()
-              for n, r in zip(names, mask) if r.sum() in (1, 2, len(mods))}
-        by = {k: sum(v for n, v in ll.items() if len(n.split(",")) == k) / sum(1 for n in ll if len(n.split(",")) == k) for k in (1, 2, len(mods))}
-        out["results"][label] = {"train_seconds": time.perf_counter() - t, "final_loss": float(loss.detach()), "loglik": ll, "by_size": by}
-        print(f"{label}: log p(X) estimate, proposal from 1 input {by[1]:.4g}, 2 inputs {by[2]:.4g}, all ('X') {by[len(mods)]:.4g} nats",
-              flush=True)
+        ll = {n: model.log_likelihood(xt, given=[m for m, on in zip(mods, r.tolist(), strict=True) if on]).mean().item()
+              for n, r in zip(names, mask, strict=True) if r.sum() in (1, 2, len(mods))}
+        by = {k: sum(v for n, v in ll.items() if len(n.split(",")) == k) / sum(1 for n in ll if len(n.split(",")) == k)
+              for k in (1, 2, len(mods))}
+        out["results"][label] = {"train_seconds": time.perf_counter() - t, "final_loss": float(loss.detach()),
+                                 "loglik": ll, "by_size": by}
+        print(f"{label}: log p(X) estimate, proposal from 1 input {by[1]:.4g}, 2 inputs {by[2]:.4g}, "
+              f"all ('X') {by[len(mods)]:.4g} nats", flush=True)
     if a.json:
         with open(a.json, "w") as f: json.dump(out, f, indent=1)
 

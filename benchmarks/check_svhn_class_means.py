@@ -5,10 +5,11 @@ import torch
 
 from mopoe.data import get_datasets
 from mopoe.evaluate import train_classifiers
+
 train_ds, test_ds, info = get_datasets("mnist_svhn_text", root="data")
 clf = train_classifiers(train_ds, info, epochs=3, cache_dir="data/classifiers", seed=0, test_ds=test_ds, progress=False)
 print(clf)
-X, Y = zip(*(train_ds[i] for i in range(min(10_000, len(train_ds)))))
+X, Y = zip(*(train_ds[i] for i in range(min(10_000, len(train_ds)))), strict=True)
 Y = torch.tensor([int(y) for y in Y])
 for m in ("mnist", "svhn"):
     xs = torch.stack([x[m] for x in X])
@@ -18,4 +19,5 @@ for m in ("mnist", "svhn"):
         acc = (pred == torch.arange(10)).float().mean().item()
         sd = imgs.flatten(1).std(1).mean().item()                      # pixel spread within an image
         data_sd = xs[:500].flatten(1).std(1).mean().item()
-        print(m, stat, dict(classifier_acc_on_class_images=acc, predictions=pred.tolist(), image_sd=round(sd, 4), data_image_sd=round(data_sd, 4)))
+        print(m, stat, dict(classifier_acc_on_class_images=acc, predictions=pred.tolist(), image_sd=round(sd, 4),
+                            data_image_sd=round(data_sd, 4)))

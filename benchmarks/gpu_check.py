@@ -93,15 +93,16 @@ def sync(device):
 
 def environment(device) -> dict:
     env = {"device": device.type, "python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
                    gpu_count=torch.cuda.device_count(), bf16_supported=torch.cuda.is_bf16_supported())
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                       timeout=10).stdout.strip() or None
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
     except Exception: env["commit"] = None
     return env
 
@@ -126,12 +127,15 @@ def synthetic_data(dataset: str, n: int, seed: int = 0):
     else: raise ValueError(f"unknown dataset {dataset!r}")
     dims = {m: (math.prod(shapes[m]) if kinds[m] == "image" else shapes[m][0]) for m in mods}
     info = DatasetInfo(dataset, mods, shapes, liks, dims, classes, multilabel, labels, {m: True for m in mods},
-                       ALPHABET if "text" in kinds.values() else None, note="random tuples of the storage format (gpu_check)")
+                       ALPHABET if "text" in kinds.values() else None,
+                       note="random tuples of the storage format (gpu_check)")
     def split(k, s):
         g = torch.Generator().manual_seed(s)
-        data = {m: (torch.randint(0, len(ALPHABET), (k, shapes[m][0]), generator=g, dtype=torch.uint8) if kinds[m] == "text"
-                    else torch.randint(0, 256, (k, *shapes[m]), generator=g, dtype=torch.uint8)) for m in mods}
-        y = torch.randint(0, 2, (k, classes), generator=g, dtype=torch.uint8) if multilabel else torch.randint(0, classes, (k,), generator=g)
+        data = {m: (torch.randint(0, len(ALPHABET), (k, shapes[m][0]), generator=g, dtype=torch.uint8)
+                    if kinds[m] == "text" else torch.randint(0, 256, (k, *shapes[m]), generator=g, dtype=torch.uint8))
+                for m in mods}
+        y = (torch.randint(0, 2, (k, classes), generator=g, dtype=torch.uint8) if multilabel else
+             torch.randint(0, classes, (k,), generator=g))
         return MultimodalDataset(data, y, kinds, alphabet=ALPHABET)
     return split(n, seed), split(max(8, n // 8), seed + 1), info
 
@@ -156,7 +160,7 @@ def paper_config(args, dataset: str, out_dir: Path, **options):
 def _train(cfg, data, callbacks):
     from mopoe.train import train
     try: return train(cfg, callbacks=callbacks, data=data, progress=False)
-    except ValueError as e:                                    # a trainer without mopoe.data.dataset_to: data stays on the host
+    except ValueError as e:                          # a trainer without mopoe.data.dataset_to: data stays on the host
         if cfg.data_on_device and "dataset_to" in str(e):
             log(f"data_on_device unavailable ({e}); retrying with the data on the host")
             return train(replace(cfg, data_on_device=None), callbacks=callbacks, data=data, progress=False)
@@ -177,7 +181,7 @@ def time_steps(args, dataset: str, variant: str, tmp: Path) -> dict:
         order = 50
         def after_batch(self, learn):
             if learn.step == 1:
-                sync(device); rec["to_first_step_s"] = time.perf_counter() - rec["t_start"]       # build + compile + step 1
+                sync(device); rec["to_first_step_s"] = time.perf_counter() - rec["t_start"]   # build, compile, step 1
             if learn.step == warmup:
                 sync(device)
                 if device.type == "cuda":
@@ -199,10 +203,11 @@ def time_steps(args, dataset: str, variant: str, tmp: Path) -> dict:
     learn = out["learner"]
     tuples = PAPER_TRAIN_TUPLES[dataset]
     paper_steps = None if tuples is None else cfg.epochs * (tuples // cfg.batch_size)
-    res = {"ms_per_step": round(ms, 3), "wall_ms_per_step": round(wall_ms, 3), "steps_timed": steps, "warmup_steps": warmup,
-           "seconds_to_first_step": round(rec.get("to_first_step_s", float("nan")), 2), "batch_size": cfg.batch_size,
-           "latent_dim": cfg.latent_dim, "amp": cfg.amp, "compile": cfg.compile, "compile_backend": args.compile_backend,
-           "data_on_device": bool(getattr(learn, "data_on_device", False)), "drop_last": bool(getattr(learn, "drop_last", False)),
+    res = {"ms_per_step": round(ms, 3), "wall_ms_per_step": round(wall_ms, 3), "steps_timed": steps,
+           "warmup_steps": warmup, "seconds_to_first_step": round(rec.get("to_first_step_s", float("nan")), 2),
+           "batch_size": cfg.batch_size, "latent_dim": cfg.latent_dim, "amp": cfg.amp, "compile": cfg.compile,
+           "compile_backend": args.compile_backend, "data_on_device": bool(getattr(learn, "data_on_device", False)),
+           "drop_last": bool(getattr(learn, "drop_last", False)),
            "projected_paper_schedule_s": None if paper_steps is None else round(paper_steps * ms / 1000, 1)}
     if device.type == "cuda":
         res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -218,7 +223,9 @@ def step_times(args, dataset: str, tmp: Path, budget: Budget, results: dict, res
                               "steps": None if tuples is None else setup.epochs * (tuples // setup.batch_size)}}
     for variant in VARIANTS:
         if args.smoke and "compiled" in variant and dataset != "mnist_svhn_text":
-            out[variant] = {"skipped": "smoke run: the compiled path runs once (MNIST-SVHN-Text, the quickest to trace)"}; continue
+            out[variant] = {"skipped": "smoke run: the compiled path runs once (MNIST-SVHN-Text, the quickest to "
+                                       "trace)"}
+            continue
         need = args.compile_reserve if "compiled" in variant else 20
         if not args.smoke and not budget.fits(need + reserve):
             out[variant] = {"skipped": f"budget: {budget.left():.0f} s left, {need + reserve:.0f} s needed"}
@@ -227,9 +234,11 @@ def step_times(args, dataset: str, tmp: Path, budget: Budget, results: dict, res
         try: out[variant] = time_steps(args, dataset, variant, tmp)
         except Exception as e:
             out[variant] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
-            results["errors"][f"step_times/{dataset}/{variant}"] = out[variant]["error"] + "\n" + traceback.format_exc(limit=6)[-1500:]
+            results["errors"][f"step_times/{dataset}/{variant}"] = (out[variant]["error"] + "\n"
+                                                                    + traceback.format_exc(limit=6)[-1500:])
         v = out[variant]
-        log(f"  {dataset} {variant}: " + (f"{v['ms_per_step']:.2f} ms/step" if "ms_per_step" in v else v.get("error", "?"))
+        log(f"  {dataset} {variant}: "
+            + (f"{v['ms_per_step']:.2f} ms/step" if "ms_per_step" in v else v.get("error", "?"))
             + f" ({time.perf_counter() - t:.0f} s)")
     return out
 
@@ -247,7 +256,8 @@ def sync_count(args, tmp: Path) -> dict:
     n = win.counted_steps
     sites = [{"phase": p, "op": r, "site": s, "count": c} for (p, r, s), c in
              __import__("collections").Counter(counter.events).most_common()]
-    return {"steps_counted": n, "reads_forward_backward": counter.count("step"), "reads_callbacks": counter.count("callbacks"),
+    return {"steps_counted": n, "reads_forward_backward": counter.count("step"),
+            "reads_callbacks": counter.count("callbacks"),
             "reads_per_step": round(counter.count("step") / max(n, 1), 3), "sync_every": cfg.sync_every, "sites": sites}
 
 
@@ -267,7 +277,8 @@ def training(args, tmp: Path, state: dict, results: dict) -> dict:
     state["data"] = (train_ds, test_ds, info)
     st = results.get("step_times", {}).get("polymnist", {})
     ok = [v for v in VARIANTS if "ms_per_step" in st.get(v, {})]
-    variant = args.train_variant if args.train_variant != "fastest" else (min(ok, key=lambda v: st[v]["ms_per_step"]) if ok else "eager_bf16")
+    variant = (args.train_variant if args.train_variant != "fastest" else
+               min(ok, key=lambda v: st[v]["ms_per_step"]) if ok else "eager_bf16")
     cfg = paper_config(args, "polymnist", tmp / "train", epochs=10_000, **VARIANTS[variant])
     small_test = torch.utils.data.Subset(test_ds, range(min(len(test_ds), 256)))        # the per-epoch test loss: small
 
@@ -319,8 +330,9 @@ def _evaluate(args, state, metrics: str, n_test: int, **kw):
     cfg = replace(state["cfg"], metrics=metrics)
     sync(state["device"])
     t = time.perf_counter()
-    res = evaluate(state["model"], train_ds, test_ds, info, _classifiers(args, state) if "coherence" in metrics else None,
-                   metrics=evaluation_metrics(cfg), max_test=n_test, device=state["device"], seed=0, progress=False, **kw)
+    res = evaluate(state["model"], train_ds, test_ds, info,
+                   _classifiers(args, state) if "coherence" in metrics else None, metrics=evaluation_metrics(cfg),
+                   max_test=n_test, device=state["device"], seed=0, progress=False, **kw)
     sync(state["device"])
     return res, time.perf_counter() - t
 
@@ -338,7 +350,8 @@ def evaluation_small(args, state: dict) -> dict:
     return {"test_tuples": n, "coherence": round(coh, 4), "chance": CHANCE, "threshold": round(CHANCE + 3 * se, 4),
             "learned": bool(coh > CHANCE + 3 * se), "joint_coherence": res["coherence"].get("joint"),
             "coherence_by_size_excl_target": res["coherence"]["by_size"]["excl_target"],
-            "latent_accuracy_by_size": lat, "classifier_accuracy": res.get("classifiers") or getattr(clf, "scores", None),
+            "latent_accuracy_by_size": lat,
+            "classifier_accuracy": res.get("classifiers") or getattr(clf, "scores", None),
             "classifier_seconds": round(clf_s, 1), "seconds": round(secs, 2)}
 
 
@@ -354,10 +367,13 @@ def evaluation_full(args, state: dict, budget: Budget) -> dict:
            "probe_test_tuples": probe_n, "probe_seconds": round(probe_s, 2), "projected_seconds": round(projected, 1),
            "target_test_tuples": target}
     if target > probe_n and not (args.smoke or budget.fits(projected + 10)):
-        out.update(test_tuples=probe_n, seconds=None, skipped=f"budget: {budget.left():.0f} s left, {projected:.0f} s projected")
+        out.update(test_tuples=probe_n, seconds=None,
+                   skipped=f"budget: {budget.left():.0f} s left, {projected:.0f} s projected")
         return out
-    res, secs = (probe, probe_s) if target == probe_n else _evaluate(args, state, "latent,coherence,loglik", target, **full)
-    out.update(test_tuples=target, seconds=round(secs, 2), time_by_metric=res.get("time"), loglik_X=res.get("loglik", {}).get("X"))
+    res, secs = ((probe, probe_s) if target == probe_n else
+                 _evaluate(args, state, "latent,coherence,loglik", target, **full))
+    out.update(test_tuples=target, seconds=round(secs, 2), time_by_metric=res.get("time"),
+               loglik_X=res.get("loglik", {}).get("X"))
     return out
 
 
@@ -371,7 +387,8 @@ def table(results: dict) -> str:
     where = env.get("gpu") or f"CPU ({env.get('cpu_count')} cores)"
     lines = [f"Device: {where}; torch {env.get('torch')}, CUDA {env.get('cuda')}; commit {env.get('commit')}"
              + ("; SMOKE RUN (tiny sizes, not a measurement)" if results["settings"]["smoke"] else ""), "",
-             "| dataset | variant | ms / step | peak memory (GB) | data on device | paper schedule (steps) | projected paper schedule |",
+             "| dataset | variant | ms / step | peak memory (GB) | data on device | paper schedule (steps) "
+             "| projected paper schedule |",
              "|---|---|---|---|---|---|---|"]
     for ds, st in results.get("step_times", {}).items():
         if not isinstance(st, dict) or "paper_schedule" not in st: continue
@@ -380,23 +397,27 @@ def table(results: dict) -> str:
             r = st.get(v, {})
             why = r.get("error") or r.get("skipped")
             proj = r.get("projected_paper_schedule_s")
-            lines.append(f"| {ds} | {v} | {_fmt(r.get('ms_per_step')) if not why else 'failed' if 'error' in r else 'skipped'} | "
+            ms = _fmt(r.get('ms_per_step')) if not why else 'failed' if 'error' in r else 'skipped'
+            lines.append(f"| {ds} | {v} | {ms} | "
                          f"{_fmt(r.get('peak_memory_gb'), '{:.2f}') if 'peak_memory_gb' in r else '–'} | "
                          f"{('yes' if r['data_on_device'] else 'no') if 'data_on_device' in r else '–'} | "
                          f"{steps if steps else 'unknown'} | {f'{proj / 60:.1f} min' if proj else '–'} |")
     tr, ev, full, sc = (results.get(k, {}) for k in ("training", "evaluation_small", "evaluation_full", "sync_count"))
     lines += ["", "| check | result |", "|---|---|"]
     if "reads_per_step" in sc:
-        lines.append(f"| host syncs per step (forward+backward) | {sc['reads_per_step']} over {sc['steps_counted']} steps; "
+        lines.append(f"| host syncs per step (forward+backward) | {sc['reads_per_step']} over {sc['steps_counted']} "
+                     "steps; "
                      f"callbacks {sc['reads_callbacks']} reads (sync_every {sc['sync_every']}) |")
     if "steps" in tr:
         lines.append(f"| PolyMNIST training ({tr['variant']}) | {tr['steps']} steps in {tr['seconds']} s "
                      f"({tr['ms_per_step_overall']} ms/step incl. epoch ends), {tr['epochs_completed']} epochs |")
     if "coherence" in ev:
-        lines.append(f"| coherence after training (unimodal -> others, {ev['test_tuples']} tuples) | {ev['coherence']:.3f} "
-                     f"(chance {ev['chance']}, threshold {ev['threshold']:.3f}): {'learned' if ev['learned'] else 'NOT above chance'} |")
+        lines.append(f"| coherence after training (unimodal -> others, {ev['test_tuples']} tuples) | "
+                     f"{ev['coherence']:.3f} (chance {ev['chance']}, threshold {ev['threshold']:.3f}): "
+                     f"{'learned' if ev['learned'] else 'NOT above chance'} |")
     if "projected_seconds" in full:
-        lines.append(f"| full evaluation, {full['target_test_tuples']} test tuples (all subsets, {full['loglik_samples']} samples) | "
+        lines.append(f"| full evaluation, {full['target_test_tuples']} test tuples (all subsets, "
+                     f"{full['loglik_samples']} samples) | "
                      + (f"{full['seconds']} s" if full.get("seconds") else f"projected {full['projected_seconds']} s "
                         f"(from {full['probe_test_tuples']} tuples in {full['probe_seconds']} s)") + " |")
     for k, e in results["errors"].items(): lines.append(f"| error in {k} | {e.splitlines()[0][:150]} |")
@@ -405,35 +426,50 @@ def table(results: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="the same stages on the CPU with tiny sizes (seconds; CI)")
     p.add_argument("--out", default=str(HERE / "results" / "gpu_check.json"), help="the JSON file to write")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--data_dir", default=str(ROOT / "data"), help="dataset and classifier caches")
-    p.add_argument("--budget", type=float, default=480, help="seconds for the whole check; stages that would not fit are skipped")
-    p.add_argument("--reserve", type=float, default=80, help="seconds kept for the data, the small and the full evaluation "
-                   "(besides --train_seconds) while timing PolyMNIST's steps")
-    p.add_argument("--compile_reserve", type=float, default=120, help="seconds a compiled variant may need (compilation)")
-    p.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; aot_eager with --smoke)")
+    p.add_argument("--budget", type=float, default=480,
+                   help="seconds for the whole check; stages that would not fit are skipped")
+    p.add_argument("--reserve", type=float, default=80,
+                   help="seconds kept for the data, the small and the full evaluation (besides --train_seconds) "
+                        "while timing PolyMNIST's steps")
+    p.add_argument("--compile_reserve", type=float, default=120,
+                   help="seconds a compiled variant may need (compilation)")
+    p.add_argument("--compile_backend", default=None,
+                   help="torch.compile backend (default inductor; aot_eager with --smoke)")
     p.add_argument("--warmup", type=int, default=None, help="steps before timing (default 25; 1 with --smoke)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 100; 2 with --smoke)")
-    p.add_argument("--train_seconds", type=float, default=None, help="length of the PolyMNIST training (default 120; 4 with --smoke)")
+    p.add_argument("--train_seconds", type=float, default=None,
+                   help="length of the PolyMNIST training (default 120; 4 with --smoke)")
     p.add_argument("--train_variant", default="fastest", choices=["fastest", *VARIANTS])
-    p.add_argument("--num_train", type=int, default=None, help="offline PolyMNIST training tuples (default 20000; 64 with --smoke)")
-    p.add_argument("--num_test", type=int, default=None, help="offline PolyMNIST test tuples (default 10000; 24 with --smoke)")
-    p.add_argument("--classifier_epochs", type=int, default=None, help="coherence classifiers' epochs (default 2; 1 with --smoke)")
-    p.add_argument("--classifier_train", type=int, default=None, help="their training tuples (default 20000; 64 with --smoke)")
-    p.add_argument("--small_eval", type=int, default=None, help="test tuples of the small evaluation (default 500; 16 with --smoke)")
-    p.add_argument("--full_eval", type=int, default=None, help="test tuples of the full evaluation (default 10000; 8 with --smoke)")
-    p.add_argument("--probe_eval", type=int, default=None, help="test tuples of its timing probe (default 500; 8 with --smoke)")
+    p.add_argument("--num_train", type=int, default=None,
+                   help="offline PolyMNIST training tuples (default 20000; 64 with --smoke)")
+    p.add_argument("--num_test", type=int, default=None,
+                   help="offline PolyMNIST test tuples (default 10000; 24 with --smoke)")
+    p.add_argument("--classifier_epochs", type=int, default=None,
+                   help="coherence classifiers' epochs (default 2; 1 with --smoke)")
+    p.add_argument("--classifier_train", type=int, default=None,
+                   help="their training tuples (default 20000; 64 with --smoke)")
+    p.add_argument("--small_eval", type=int, default=None,
+                   help="test tuples of the small evaluation (default 500; 16 with --smoke)")
+    p.add_argument("--full_eval", type=int, default=None,
+                   help="test tuples of the full evaluation (default 10000; 8 with --smoke)")
+    p.add_argument("--probe_eval", type=int, default=None,
+                   help="test tuples of its timing probe (default 500; 8 with --smoke)")
     p.add_argument("--loglik_samples", type=int, default=None, help="importance samples (default 15; 2 with --smoke)")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     args = p.parse_args(argv)
     small = args.smoke
-    defaults = dict(device="cpu" if small else "cuda", compile_backend="aot_eager" if small else "inductor", warmup=1 if small else 25,
-                    steps=2 if small else 100, train_seconds=4 if small else 120, num_train=64 if small else 20_000,
-                    num_test=24 if small else 10_000, classifier_epochs=1 if small else 2, classifier_train=64 if small else 20_000,
-                    small_eval=16 if small else 500, full_eval=8 if small else 10_000, probe_eval=8 if small else 500, loglik_samples=2 if small else 15)
+    defaults = dict(device="cpu" if small else "cuda", compile_backend="aot_eager" if small else "inductor",
+                    warmup=1 if small else 25, steps=2 if small else 100, train_seconds=4 if small else 120,
+                    num_train=64 if small else 20_000, num_test=24 if small else 10_000,
+                    classifier_epochs=1 if small else 2, classifier_train=64 if small else 20_000,
+                    small_eval=16 if small else 500, full_eval=8 if small else 10_000, probe_eval=8 if small else 500,
+                    loglik_samples=2 if small else 15)
     for k, v in defaults.items():
         if getattr(args, k) is None: setattr(args, k, v)
     return args
@@ -444,7 +480,8 @@ def main(argv=None) -> int:
     budget = Budget(args.budget)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run with --smoke for the CPU smoke run (or --device cpu)", file=sys.stderr)
+        print("gpu_check: no CUDA device here; run with --smoke for the CPU smoke run (or --device cpu)",
+              file=sys.stderr)
         return 2
     compile_backend(args.compile_backend)
     results = {"settings": {k: v for k, v in vars(args).items()}, "errors": {}}
@@ -452,18 +489,21 @@ def main(argv=None) -> int:
     state = {}
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     stage(results, "environment", environment, device)
-    log(f"device {results['environment'].get('gpu') or device.type}, torch {torch.__version__}; budget {args.budget:.0f} s")
+    log(f"device {results['environment'].get('gpu') or device.type}, torch {torch.__version__}; "
+        f"budget {args.budget:.0f} s")
     results["step_times"] = {}
     order = [d for d in ("polymnist",) if d in args.datasets]
     for ds in order:
-        results["step_times"][ds] = _stage_value(results, f"step_times/{ds}", step_times, args, ds, tmp, budget, results,
-                                                 args.train_seconds + args.reserve)
+        results["step_times"][ds] = _stage_value(results, f"step_times/{ds}", step_times, args, ds, tmp, budget,
+                                                 results, args.train_seconds + args.reserve)
     stage(results, "sync_count", sync_count, args, tmp)
-    if args.smoke or budget.fits(args.train_seconds + 60): stage(results, "training", training, args, tmp, state, results)
+    if args.smoke or budget.fits(args.train_seconds + 60):
+        stage(results, "training", training, args, tmp, state, results)
     else: results["training"] = {"skipped": f"budget: {budget.left():.0f} s left"}
     stage(results, "evaluation_small", evaluation_small, args, state)
     for ds in [d for d in DATASETS if d in args.datasets and d != "polymnist"]:
-        results["step_times"][ds] = _stage_value(results, f"step_times/{ds}", step_times, args, ds, tmp, budget, results, 40)
+        results["step_times"][ds] = _stage_value(results, f"step_times/{ds}", step_times, args, ds, tmp, budget,
+                                                 results, 40)
     stage(results, "evaluation_full", evaluation_full, args, state, budget)
     results["wall_seconds"] = round(budget.used(), 1)
     results["table"] = table(results)

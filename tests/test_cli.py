@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY
 from mopoe.evaluate import evaluate
 from mopoe.train import objective_choices
+
 OBJECTIVES = objective_choices()
 from mopoe.train import OPTIONS, load_run, main, main_eval, resolve_config, run
 
@@ -37,14 +38,16 @@ def test_help_explains_every_option(capsys):
 
 @pytest.mark.parametrize("model", OBJECTIVES)
 def test_every_model_trains_and_evaluates_through_run(model, data_dir, tmp_path):
-    "Every registered objective trains, evaluates and writes results.json through `run` (private latents where it needs them)."
+    "Every registered objective trains, evaluates and writes results.json through `run` (private latents if it needs)."
     from mopoe.objectives import OBJECTIVES as REG
     private = 4 if getattr(REG[model], "needs_private", False) else 0
-    res = run(resolve_config(**TINY, objective=model, private_dim=private, data_dir=str(data_dir), out_dir=str(tmp_path)), progress=False)
+    res = run(resolve_config(**TINY, objective=model, private_dim=private, data_dir=str(data_dir),
+                             out_dir=str(tmp_path)), progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(res["results"])) and saved["config"]["objective"] == model
     assert len(saved["metrics"]["latent"]["per_subset"]) == 7 and saved["data"]["sizes"] == {"train": 96, "test": 32}
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".mopoe.lock") == ["checkpoint.pt", "metrics.jsonl", "results.json"]
+    assert (sorted(p.name for p in tmp_path.iterdir() if p.name != ".mopoe.lock")
+            == ["checkpoint.pt", "metrics.jsonl", "results.json"])
 
 
 def test_command_succeeds_with_exit_0_and_parses_booleans(data_dir, tmp_path):
@@ -63,7 +66,7 @@ def test_command_succeeds_with_exit_0_and_parses_booleans(data_dir, tmp_path):
 @pytest.mark.parametrize("args, status, message", [
     (["--epochs", "1.5"], 2, "argument --epochs: epochs must be a whole number, got 1.5"),
     (["--beta", "abc"], 2, "argument --beta: beta must be a number, got 'abc'"),
-    (["--num_train", "-5"], 2, "mopoe-train: error: num_train must be at least 1 (or None), got -5"),   # a bad option: 2
+    (["--num_train", "-5"], 2, "mopoe-train: error: num_train must be at least 1 (or None), got -5"),  # a bad option: 2
     (["--seed", "-1"], 2, "mopoe-train: error: seed must be at least 0, got -1"),
     (["--dataset", "mnist_svhn_text", "--num_modalities", "7"], 2, "num_modalities is a PolyMNIST option"),
     (["--resume", "maybe"], 2, "resume must be true or false, got 'maybe'"),
@@ -89,8 +92,8 @@ def test_reloaded_run_gives_identical_metrics(data_dir, tmp_path):
     model, cfg, info, _ = load_run(tmp_path / "copy")
     assert not model.training and cfg.epochs == 1 and list(info.modalities) == ["mnist", "svhn", "text"]
     train_ds, test_ds, _ = res["data"]
-    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], num_samples=cfg.loglik_samples, max_test=cfg.eval_max_test,
-                     max_test_loglik=cfg.loglik_max_test, seed=cfg.seed, progress=False)
+    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], num_samples=cfg.loglik_samples,
+                     max_test=cfg.eval_max_test, max_test_loglik=cfg.loglik_max_test, seed=cfg.seed, progress=False)
     strip = lambda m: {k: v for k, v in m.items() if k != "time"}
     assert strip(again) == strip(res["metrics"])
     # the command evaluates the saved folder the same way (classifiers from the cache)
@@ -106,7 +109,8 @@ def test_torchrun_two_processes_write_one_results_json_and_one_checkpoint(data_d
            *_flags({**TINY, "epochs": 2, "data_dir": data_dir, "out_dir": out})]
     p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(f.name for f in out.iterdir() if f.name != ".mopoe.lock") == sorted(["checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "results.json"])
+    assert (sorted(f.name for f in out.iterdir() if f.name != ".mopoe.lock")
+            == sorted(["checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "results.json"]))
     res = json.loads((out / "results.json").read_text())
     assert [h["epoch"] for h in res["history"]] == [1, 2] and len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert p.stdout.count("wrote ") == 1 and p.stdout.count("epoch 2/2") == 1          # rank 0 alone logs and writes

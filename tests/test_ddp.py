@@ -8,7 +8,6 @@ import torch
 from mopoe.train import resolve_config, train
 from toys import INFO, ToyPairs
 
-
 def _worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -52,7 +51,8 @@ def test_two_process_gloo_stays_in_sync(tmp_path):
 
 def _zero_noise():
     "Reparameterised draws without noise (z = the posterior mean), so that the two runs below see the same numbers."
-    torch.distributions.normal._standard_normal = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
+    torch.distributions.normal._standard_normal = (lambda shape, dtype, device:
+                                                   torch.zeros(shape, dtype=dtype, device=device))
 
 
 def _one_step(model, x, beta=2.5):
@@ -63,10 +63,12 @@ def _one_step(model, x, beta=2.5):
 
 
 def _step_worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
     _zero_noise()
     from torch.nn.parallel import DistributedDataParallel
+
     from mopoe.train import build_model
     torch.distributed.init_process_group("gloo")
     torch.manual_seed(3)

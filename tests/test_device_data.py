@@ -37,7 +37,7 @@ def assert_same(a, b):
     assert list(xa) == list(xb)
     for m in xa:
         assert xa[m].dtype == xb[m].dtype == torch.float32 and torch.equal(xa[m], xb[m]), m
-    for u, v in zip(ra, rb): assert u.dtype == v.dtype and torch.equal(u, v)
+    for u, v in zip(ra, rb, strict=True): assert u.dtype == v.dtype and torch.equal(u, v)
 
 
 def test_moved_batches_equal_todays_bitwise(data):
@@ -76,7 +76,7 @@ def test_gathering_reads_nothing_back_and_data_error_reads_one_flag(data):
     idx = torch.arange(16)
     with HostReads() as reads:
         for _ in range(3): x, y = moved[idx]
-    assert reads.n == 0                                             # F.one_hot read the indices' min and max per text batch
+    assert reads.n == 0                                         # F.one_hot read the indices' min and max per text batch
     for m in info.modalities:
         with HostReads() as reads: assert get_likelihood(info.likelihoods[m]).data_error(x[m]) is None
         assert reads.n == 1, (m, reads.n)                           # one flag per batch and modality
@@ -85,15 +85,16 @@ def test_gathering_reads_nothing_back_and_data_error_reads_one_flag(data):
 def test_validate_dataset_finds_the_first_bad_tuple(data):
     tr, info = data
     validate_dataset(tr, info, batch_size=25)
-    class ByValue(torch.utils.data.Dataset):                        # the same items, no storage to prove them: checked value by value
+    class ByValue(torch.utils.data.Dataset):               # the same items, no storage to prove them: checked by value
         def __len__(self): return len(tr)
         def __getitem__(self, i): return tr[i]
     validate_dataset(ByValue(), info, batch_size=25)
-    validate_dataset(IncompleteDataset(tr, missing_mask(len(tr), len(info.modalities), 0.5, seed=2), info.modalities), info)
+    validate_dataset(IncompleteDataset(tr, missing_mask(len(tr), len(info.modalities), 0.5, seed=2), info.modalities),
+                     info)
     text = [m for m in info.modalities if info.likelihoods[m] == "categorical"]
     if not text: return
     m = text[0]
-    class Soft(torch.utils.data.Dataset):                           # the same data with softmax text at tuples 10 and 21
+    class Soft(torch.utils.data.Dataset):                  # the same data with softmax text at tuples 10 and 21
         def __len__(self): return len(tr)
         def __getitem__(self, i):
             x, y = tr[i]

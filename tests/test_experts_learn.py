@@ -3,7 +3,6 @@ learns digit identity within a short run (issue 12, part 4; the measurements are
 from mopoe.evaluate import latent_classification
 from mopoe.train import TrainConfig, build_data, resolve_config, train
 
-
 def test_every_single_expert_learns(tmp_path):
     cfg = resolve_config(TrainConfig(dataset="mnist_svhn_text", beta=5.0, epochs=8, num_test=1000, device="cpu", seed=0,
                                      data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run")))

@@ -12,19 +12,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import mopoe.io
 import mopoe.build
+import mopoe.io
 import mopoe.train as T
 from mopoe.io import DiskFullError, content_digest, load_verified
 from mopoe.train import CheckpointError, load_checkpoint, read_results, resolve_config, sweep_config, train
-
-
 from toys import INFO, ToyPairs
+
 DATA = (ToyPairs(64, 0), ToyPairs(16, 1), INFO)
 
 
 def cfg_for(out, **kw):
-    return resolve_config(dataset="mnist_svhn_text", epochs=3, batch_size=32, latent_dim=4, out_dir=str(out), device="cpu", **kw)
+    return resolve_config(dataset="mnist_svhn_text", epochs=3, batch_size=32, latent_dim=4, out_dir=str(out),
+                          device="cpu", **kw)
 
 
 def params(model):
@@ -92,15 +92,16 @@ def test_full_disk_names_the_file_and_the_intact_checkpoint(target, tmp_path, mo
     if target == "checkpoint.pt":
         assert str(e.value) == (f"no space left on device while writing {out / 'checkpoint.pt'}; "
                                 f"the previous checkpoint {out / 'checkpoint.pt'} is intact")
-    else: assert str(e.value) == (f"no space left on device while writing {out / 'metrics.jsonl'}; the checkpoint of "
-                                  f"epoch 2 was saved before it and is intact (resume rebuilds metrics.jsonl)")   # before training
+    else:                                                                                    # before training
+        assert str(e.value) == (f"no space left on device while writing {out / 'metrics.jsonl'}; the checkpoint of "
+                                f"epoch 2 was saved before it and is intact (resume rebuilds metrics.jsonl)")
     assert snapshot(out) == before
     assert_resume_matches(out, reference)
 
 
 def test_kill_between_the_rotation_renames_resumes_from_prev(tmp_path, reference):
     out = two_epochs(tmp_path)
-    os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")       # killed after the first rename: only .prev (epoch 2)
+    os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")     # killed after the first rename: only .prev left
     with pytest.warns(UserWarning, match="using the previous checkpoint .*checkpoint.prev.pt \\(epoch 2\\)"):
         assert_resume_matches(out, reference)
 
@@ -171,7 +172,8 @@ def test_a_crafted_pickle_never_executes(with_prev, tmp_path):
     marker = tmp_path / "pwned"
     if not with_prev: (out / "checkpoint.prev.pt").unlink()
     state = load_checkpoint(out / "checkpoint.pt")
-    torch.save({"format": mopoe.io.FORMAT, "digest": "0", "payload": {**state, "epoch": Evil(marker)}}, out / "checkpoint.pt")
+    torch.save({"format": mopoe.io.FORMAT, "digest": "0", "payload": {**state, "epoch": Evil(marker)}},
+               out / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="refused unexecuted"):
         load_checkpoint(out / "checkpoint.pt")
     if with_prev:
@@ -186,9 +188,11 @@ def test_a_crafted_pickle_never_executes(with_prev, tmp_path):
 
 def test_classifier_cache_flips_are_rebuilt(tmp_path):
     from mopoe.evaluate import train_classifiers
-    info = SimpleNamespace(**{**vars(INFO), "multilabel": False, "label_names": [str(i) for i in range(10)], "name": "mnist_svhn_text"})
+    info = SimpleNamespace(**{**vars(INFO), "multilabel": False, "label_names": [str(i) for i in range(10)],
+                              "name": "mnist_svhn_text"})
     ds = ToyPairs(64, 0)
-    kw = dict(epochs=1, batch_size=32, cache_dir=str(tmp_path), test_ds=ToyPairs(16, 1), arch="mlp", hidden=(8,), progress=False)
+    kw = dict(epochs=1, batch_size=32, cache_dir=str(tmp_path), test_ds=ToyPairs(16, 1), arch="mlp", hidden=(8,),
+              progress=False)
     first = train_classifiers(ds, info, **kw)
     good = Path(first.path).read_bytes()
     for pos in _flip_positions(len(good), 8):
@@ -196,7 +200,8 @@ def test_classifier_cache_flips_are_rebuilt(tmp_path):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             again = train_classifiers(ds, info, **kw)
-        if again.from_cache: assert content_digest(load_verified(first.path)) == content_digest(load_verified(first.path))
+        if again.from_cache:
+            assert content_digest(load_verified(first.path)) == content_digest(load_verified(first.path))
         else: assert any("retraining" in str(x.message) for x in w)
         assert again.scores == first.scores                  # the same classifiers either way
         load_verified(first.path)                            # and the cache is whole again
@@ -245,7 +250,8 @@ def test_paths_are_checked_before_anything_is_created(tmp_path, monkeypatch):
 def test_fresh_run_never_touches_another_run(tmp_path):
     out = two_epochs(tmp_path)
     before = snapshot(out)
-    with pytest.raises(FileExistsError, match="already holds a run .*resume it with resume=True, or choose another out_dir"):
+    with pytest.raises(FileExistsError,
+                       match="already holds a run .*resume it with resume=True, or choose another out_dir"):
         train(cfg_for(out), progress=False, data=DATA)
     assert snapshot(out) == before
 
@@ -281,9 +287,8 @@ from PIL import Image
 import fixtures_real as fx
 from mopoe.data import DataFormatError, get_datasets
 
-
 def _rewrite_pngs(folder, pixels_of, compress_level=0):
-    "Rewrite every PNG under `folder` (same names) with `pixels_of(path) -> (28, 28, 3) uint8`, uncompressed: equal sizes."
+    "Rewrite every PNG under `folder` (same names) with `pixels_of(path) -> (28, 28, 3) uint8`, uncompressed: one size."
     for f in sorted(folder.rglob("*.png")):
         Image.fromarray(pixels_of(f)).save(f, compress_level=compress_level)
 
@@ -298,7 +303,7 @@ def test_real_polymnist_cache_follows_replaced_images(keep_mtimes, tmp_path):
     assert not info.from_cache and get_datasets("polymnist", root=tmp_path, source="real", download=False)[2].from_cache
     stats = {f: f.stat() for f in base.rglob("*.png")}
     rng = np.random.default_rng(5)
-    _rewrite_pngs(base, lambda f: rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))  # other images, same names and sizes
+    _rewrite_pngs(base, lambda f: rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))  # other images, same names, sizes
     for f, st in stats.items():
         assert f.stat().st_size == st.st_size
         if keep_mtimes: os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))         # as `cp -p` / `rsync -a` would
@@ -308,7 +313,7 @@ def test_real_polymnist_cache_follows_replaced_images(keep_mtimes, tmp_path):
     for m in range(5):
         files = {int(f.name.split(".")[0]): f for f in (base / "train" / f"m{m}").glob("*.png")}
         want = np.stack([np.asarray(Image.open(files[i]).convert("RGB")).transpose(2, 0, 1) for i in order])
-        assert np.array_equal(tr2.data[f"m{m}"].numpy(), want)                  # the new images, not the cached old ones
+        assert np.array_equal(tr2.data[f"m{m}"].numpy(), want)              # the new images, not the cached old ones
 
 
 def test_real_celeba_cache_follows_replaced_images(tmp_path):
@@ -318,7 +323,7 @@ def test_real_celeba_cache_follows_replaced_images(tmp_path):
     assert not info.from_cache
     imgs = tmp_path / "celeba" / "img_align_celeba"
     new = (255 - w["colours"]).astype(np.uint8)
-    for name, c in zip(w["names"], new):
+    for name, c in zip(w["names"], new, strict=True):
         Image.fromarray(np.full((218, 178, 3), c, np.uint8)).save(imgs / name, quality=95)
     tr2, _, info2 = get_datasets("celeba", root=tmp_path, source="real", download=False)
     assert not info2.from_cache
@@ -339,7 +344,8 @@ def test_disk_full_while_unpacking_keeps_the_archive(tmp_path, monkeypatch):
     assert "no space left on device while unpacking" in msg and str(zf) in msg and "the archive is fine" in msg
     assert "delete" not in msg and "corrupted" not in msg
     assert not isinstance(e.value, DataFormatError) and e.value.errno == errno.ENOSPC
-    assert zf.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["PolyMNIST.zip"]   # nothing half-unpacked
+    assert zf.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PolyMNIST.zip"]                      # nothing half-unpacked
     monkeypatch.undo()
     tr, _, info = get_datasets("polymnist", root=tmp_path, source="real", download=False)    # space again: it works
     assert len(tr) == 6 and info.paper_data

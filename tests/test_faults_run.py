@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from mopoe.io import RunLockedError, run_lock, save_verified, load_verified
+from mopoe.io import RunLockedError, load_verified, run_lock, save_verified
 from mopoe.train import CheckpointError, evaluate_saved, load_run, main_eval, resolve_config, train
 from toys import INFO, ToyPairs
 
 DATA = (ToyPairs(64, 0), ToyPairs(16, 1), INFO)
 BIN = Path(sys.executable).parent
 T = ["--dataset", "mnist_svhn_text", "--num_train", "128", "--num_test", "64", "--epochs", "1", "--latent_dim", "8",
-     "--batch_size", "64", "--classifier_epochs", "1", "--loglik_samples", "2", "--loglik_max_test", "8", "--device", "cpu"]
+     "--batch_size", "64", "--classifier_epochs", "1", "--loglik_samples", "2", "--loglik_max_test", "8",
+     "--device", "cpu"]
 
 
 def cfg_for(out, **kw):
@@ -33,7 +34,8 @@ def files(out):
 def cli(*args, cwd, env=None, wait=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [str(BIN / args[0]), *map(str, args[1:])]
-    if not wait: return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -56,7 +58,8 @@ def test_tilde_in_out_dir_is_the_home_folder_everywhere(tmp_path, data_dir):
 def test_two_runs_into_one_folder_cannot_both_run(tmp_path, data_dir):
     "Case 2: two processes started into one folder at once: one trains, the other is refused; nothing is mixed."
     out = tmp_path / "run"
-    procs = [cli("mopoe-train", *T, "--data_dir", data_dir, "--out_dir", out, cwd=tmp_path, wait=False) for _ in range(2)]
+    procs = [cli("mopoe-train", *T, "--data_dir", data_dir, "--out_dir", out, cwd=tmp_path, wait=False)
+             for _ in range(2)]
     res = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(c for c, _ in res)
     assert codes == [0, 1], res
@@ -68,14 +71,16 @@ def test_two_runs_into_one_folder_cannot_both_run(tmp_path, data_dir):
 
 
 def test_a_second_process_cannot_resume_a_run_in_progress(tmp_path):
-    "Case 4: while a process holds the run (here: this test process), `--resume true` from another is refused with its PID."
+    "Case 4: while a process (here: this test process) holds the run, `--resume true` from another is refused by PID."
     out = tmp_path / "run"
     train(cfg_for(out), progress=False, data=DATA)
     before = files(out)
     with run_lock(out):
-        p = cli("mopoe-train", *T, "--out_dir", out, "--resume", "true", "--epochs", "3", "--data_dir", tmp_path / "d", cwd=tmp_path)
+        p = cli("mopoe-train", *T, "--out_dir", out, "--resume", "true", "--epochs", "3", "--data_dir", tmp_path / "d",
+                cwd=tmp_path)
     assert p.returncode == 1 and str(os.getpid()) in p.stderr, p.stderr
-    assert {k: v for k, v in files(out).items() if k != ".mopoe.lock"} == {k: v for k, v in before.items() if k != ".mopoe.lock"}
+    assert ({k: v for k, v in files(out).items() if k != ".mopoe.lock"}
+            == {k: v for k, v in before.items() if k != ".mopoe.lock"})
 
 
 def test_in_process_second_holder_is_refused(tmp_path):
@@ -118,7 +123,7 @@ def test_eval_of_a_damaged_final_checkpoint_replaces_nothing(tmp_path, data_dir,
 
 
 def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
-    "Case 6: resuming a 2-epoch run with epochs=1 would rewrite results.json over a 2-epoch model: refused, nothing changed."
+    "Case 6: resuming a 2-epoch run with epochs=1 would put results.json on a 2-epoch model: refused, nothing changed."
     out = tmp_path / "run"
     train(cfg_for(out), progress=False, data=DATA)
     before = files(out)
@@ -128,7 +133,7 @@ def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
 
 
 def test_a_checkpoint_that_does_not_state_its_build_is_refused(tmp_path):
-    "Case 7: a checkpoint whose config lacks an option that builds the model is refused by name, never rebuilt differently."
+    "Case 7: a checkpoint whose config lacks an option that builds the model is refused by name, never rebuilt anew."
     out = tmp_path / "run"
     train(cfg_for(out), progress=False, data=DATA)
     state = load_verified(out / "checkpoint.pt")
@@ -170,7 +175,8 @@ def test_old_option_names_are_refused_with_their_name_today(capsys):
     from mopoe.train import main, stored_options
     assert main(["--model", "mvae", "--objective", "mopoe"]) == 2           # never trains MVAE under a rename warning
     assert "unrecognized arguments: --model mvae" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="'model' is now called 'objective'"): resolve_config(model="mvae", objective="mopoe")
+    with pytest.raises(ValueError, match="'model' is now called 'objective'"):
+        resolve_config(model="mvae", objective="mopoe")
     cfg = resolve_config(stored_options({"model": "powerset", "encoders": "paper", "num_samples": 3}))
     assert (cfg.objective, cfg.encoder_init, cfg.loglik_samples) == ("subset_elbos", "paper", 3)
 

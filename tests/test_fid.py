@@ -1,4 +1,5 @@
-"""FID (mopoe.fid): the Fréchet distance against closed forms and pytorch-fid, the offline weights and their errors, the metric.
+"""FID (mopoe.fid): the Fréchet distance against closed forms and pytorch-fid, the offline weights and their errors, the
+metric.
 
 Inception on a CPU costs about 0.3 s per image: the tests that run it use a handful of images, and the converted
 weights are built once per session in a temporary folder. Every test here runs with sockets forbidden."""
@@ -29,14 +30,16 @@ class _NoNetwork(socket.socket):
 def no_network_session():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket, "socket", _NoNetwork)
-        mp.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("a weights download was attempted"))
+        mp.setattr(torch.hub, "load_state_dict_from_url",
+                   lambda *a, **k: pytest.fail("a weights download was attempted"))
         yield
 
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     monkeypatch.setattr(socket, "socket", _NoNetwork)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("a weights download was attempted"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: pytest.fail("a weights download was attempted"))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,8 @@ def test_shifted_gaussians_closed_form():
     closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-12)
     Q = np.linalg.qr(rng.normal(size=(5, 5)))[0]                        # the same Gaussians rotated: FID is invariant
-    assert frechet_distance(Q @ mu1, Q @ np.diag(a) @ Q.T, Q @ mu2, Q @ np.diag(b) @ Q.T) == pytest.approx(closed, rel=1e-9)
+    assert (frechet_distance(Q @ mu1, Q @ np.diag(a) @ Q.T, Q @ mu2, Q @ np.diag(b) @ Q.T)
+            == pytest.approx(closed, rel=1e-9))
     X = rng.normal(size=(2000, 4)); shift = np.array([0.5, -1.0, 2.0, 0.0])
     assert frechet_distance(*feature_stats(X), *feature_stats(X + shift)) == pytest.approx((shift ** 2).sum(), rel=1e-9)
 
@@ -90,7 +94,7 @@ def _compare_with_pytorch_fid(fa, fb):
 
 
 def test_matches_pytorch_fid_from_the_same_features(features):
-    "The same Inception features, their first 256 dimensions: scipy's sqrtm of 2048x2048 takes minutes on one core (below, slow)."
+    "The same Inception features, their first 256 dimensions: scipy's sqrtm of 2048x2048 takes minutes (below, slow)."
     _compare_with_pytorch_fid(*(f[:, :256] for f in features))
 
 
@@ -103,7 +107,9 @@ def test_converted_network_reproduces_the_torchscript(inception, image_sets):
     script = torch.jit.load(str(fid.package_weights_path()), map_location="cpu").eval()
     x = image_sets[0][:2]
     with torch.no_grad():
-        ref = script(torch.nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1)
+        big = torch.nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear",
+                                              align_corners=False)
+        ref = script(big * 2 - 1)
     assert torch.allclose(inception(x), ref, atol=1e-4)
 
 
@@ -164,8 +170,10 @@ class _Tuples(torch.utils.data.Dataset):
     def __getitem__(self, i): return {m: t[i] for m, t in self.x.items()}, self.y[i]
 
 
-_INFO = SimpleNamespace(name="imgtoy", modalities=["a", "b", "text"], shapes={"a": (1, 8, 8), "b": (3, 8, 8), "text": (4, 5)},
-                        likelihoods={"a": "laplace", "b": "laplace", "text": "categorical"}, multilabel=False, label_names=list("0123"))
+_INFO = SimpleNamespace(name="imgtoy", modalities=["a", "b", "text"],
+                        shapes={"a": (1, 8, 8), "b": (3, 8, 8), "text": (4, 5)},
+                        likelihoods={"a": "laplace", "b": "laplace", "text": "categorical"}, multilabel=False,
+                        label_names=list("0123"))
 
 
 class _Echo(nn.Module):
@@ -175,7 +183,8 @@ class _Echo(nn.Module):
         mu = torch.zeros(3, len(x["a"]), 2)
         return mu, mu.clone(), torch.ones(3, dtype=torch.bool), {}
     def cond_generate(self, x, num_samples=None, given=None, experts=None): return {m: t.clone() for m, t in x.items()}
-    def generate(self, n): return {"a": torch.rand(n, 1, 8, 8), "b": torch.rand(n, 3, 8, 8), "text": torch.rand(n, 4, 5)}
+    def generate(self, n):
+        return {"a": torch.rand(n, 1, 8, 8), "b": torch.rand(n, 3, 8, 8), "text": torch.rand(n, 4, 5)}
 
 
 def test_metric_layout_and_known_answers(tmp_path):
@@ -184,8 +193,10 @@ def test_metric_layout_and_known_answers(tmp_path):
     f = r["fid"]
     assert f["n"] == 20 and f["targets"] == ["a", "b"] and "biased upward at small n" in f["note"]
     assert set(f["conditional"]) == {"a", "b", "text", "a,text", "b,text"}
-    assert all(abs(v["fid"]) < 1e-5 and v["n"] == 20 for d in f["conditional"].values() for v in d.values())  # echo = reference
-    assert all(v["fid"] > 0.1 and 0 <= v["precision"] <= 1 and 0 <= v["recall"] <= 1 for v in f["unconditional"].values())
+    # the echo is the reference
+    assert all(abs(v["fid"]) < 1e-5 and v["n"] == 20 for d in f["conditional"].values() for v in d.values())
+    assert all(v["fid"] > 0.1 and 0 <= v["precision"] <= 1 and 0 <= v["recall"] <= 1
+               for v in f["unconditional"].values())
     assert set(f["by_size"]) == {"1", "2"}
     table = fid.fid_table({"metrics": {"fid": f}})
     assert table.shape == (6, 2) and np.isnan(table.loc["a", "a"])

@@ -17,11 +17,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from sync_count import SyncCounter, SyncWindows  # noqa: E402
-
 from mopoe.data import ALPHABET, DatasetInfo, MultimodalDataset  # noqa: E402
 from mopoe.learner import Callback  # noqa: E402
 from mopoe.train import incomplete_train_set, resolve_config, train  # noqa: E402
+from sync_count import SyncCounter, SyncWindows  # noqa: E402
 
 OBJECTIVES = ("mopoe", "mvae", "mmvae", "subset_elbos")
 
@@ -50,7 +49,8 @@ FUSION_RTOL = 1e-5
 
 SHAPES = {"mnist": (1, 28, 28), "svhn": (3, 32, 32), "text": (8, len(ALPHABET))}
 INFO = DatasetInfo("mnist_svhn_text", ["mnist", "svhn", "text"], SHAPES,
-                   {"mnist": "laplace", "svhn": "laplace", "text": "categorical"}, {"mnist": 784, "svhn": 3072, "text": 8},
+                   {"mnist": "laplace", "svhn": "laplace", "text": "categorical"},
+                   {"mnist": 784, "svhn": 3072, "text": 8},
                    10, False, [str(i) for i in range(10)], {"mnist": True, "svhn": True, "text": True}, ALPHABET,
                    note="random tuples of MNIST-SVHN-Text's format (tests/test_gpu_paths.py)")
 
@@ -61,7 +61,8 @@ def tiny_dataset(n: int, seed: int) -> MultimodalDataset:
     data = {"mnist": torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
             "svhn": torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
             "text": torch.randint(0, len(ALPHABET), (n, 8), generator=g, dtype=torch.uint8)}
-    return MultimodalDataset(data, torch.randint(0, 10, (n,), generator=g), {"mnist": "image", "svhn": "image", "text": "text"})
+    return MultimodalDataset(data, torch.randint(0, 10, (n,), generator=g),
+                             {"mnist": "image", "svhn": "image", "text": "text"})
 
 
 def tiny_config(tmp_path, **options):
@@ -84,7 +85,8 @@ class LossTrace(Callback):
     def after_batch(self, learn):
         x, obs = learn.batch
         self.losses.append(learn.loss.detach().float().clone())
-        self.shapes.append({m: tuple(t.shape) for m, t in x.items()} | ({"observed": tuple(obs.shape)} if obs is not None else {}))
+        self.shapes.append({m: tuple(t.shape) for m, t in x.items()}
+                           | ({"observed": tuple(obs.shape)} if obs is not None else {}))
         self.rows += next(iter(x.values())).shape[0]
 
 
@@ -164,7 +166,8 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, objective):
     for name, mode in (("eager", "off"), ("compiled", "default")):
         if mode != "off": _aot_eager_compile(monkeypatch)
         trace = LossTrace()
-        cfg = tiny_config(tmp_path / name, objective=objective, compile=mode, drop_last=True, missing_rate=0.3, beta_warmup=3)
+        cfg = tiny_config(tmp_path / name, objective=objective, compile=mode, drop_last=True, missing_rate=0.3,
+                          beta_warmup=3)
         out = tiny_run(cfg, n_train=36, callbacks=[trace])
         assert out["learner"].drop_last
         runs[name] = torch.stack(trace.losses)
@@ -178,8 +181,8 @@ def _tiny_mlp_model(objective: str):
     from mopoe.nets import make_networks
     torch.manual_seed(0)
     enc, dec = make_networks(INFO, 8, 0, arch="mlp", hidden=(32,))
-    return MultimodalVAE(enc, dec, INFO.likelihoods, 8, 0, objective=objective, rec_weights=default_rec_weights(INFO.data_dims),
-                         shapes=INFO.shapes)
+    return MultimodalVAE(enc, dec, INFO.likelihoods, 8, 0, objective=objective,
+                         rec_weights=default_rec_weights(INFO.data_dims), shapes=INFO.shapes)
 
 
 def _tiny_batch(b: int = 8, seed: int = 0):
@@ -195,7 +198,7 @@ def _tiny_batch(b: int = 8, seed: int = 0):
 def test_loglik_reads_nothing_on_the_host(objective):
     "The evaluation's dominant cost, log p(X) under every proposal at once, reads no device value (after a first call)."
     model = _tiny_mlp_model(objective).eval()
-    model.check_inputs = False                                 # as evaluate's data: validated once when the dataset is built
+    model.check_inputs = False                         # as evaluate's data: validated once when the dataset is built
     x, _ = _tiny_batch()
     ex = model.experts(x)
     model.log_likelihoods(x, num_samples=3, experts=ex, training_mixture=True)        # fills the per-model mask caches
@@ -215,15 +218,17 @@ def test_graph_breaks(objective):
     model = _tiny_mlp_model(objective)
     model.check_inputs = False
     x, obs = _tiny_batch()
-    model.loss(x, beta=torch.tensor(2.5), observed=obs)         # the first call builds the model's mask caches (read once)
+    model.loss(x, beta=torch.tensor(2.5), observed=obs)     # the first call builds the model's mask caches (read once)
     ex = torch._dynamo.explain(model.loss)(x, beta=torch.tensor(2.5), observed=obs)
     reasons = []
     for r in ex.break_reasons:
         fr = r.user_stack[-1] if r.user_stack else None
-        where = f"{Path(fr.filename).relative_to(ROOT) if fr and fr.filename.startswith(str(ROOT)) else fr and fr.filename}:{fr.lineno if fr else ''}"
+        file = Path(fr.filename).relative_to(ROOT) if fr and fr.filename.startswith(str(ROOT)) else fr and fr.filename
+        where = f"{file}:{fr.lineno if fr else ''}"
         reasons.append(f"{r.reason.splitlines()[0][:120]} @ {where}")
     print(f"{objective}: {ex.graph_count} graphs, {ex.graph_break_count} graph breaks", *reasons, sep="\n  ")
-    assert ex.graph_break_count <= MAX_GRAPH_BREAKS, f"{objective}: {ex.graph_break_count} graph breaks:\n  " + "\n  ".join(reasons)
+    assert ex.graph_break_count <= MAX_GRAPH_BREAKS, (f"{objective}: {ex.graph_break_count} graph breaks:\n  "
+                                                      + "\n  ".join(reasons))
 
 
 # ---------------------------------------------------------------------------------------------- bf16 autocast
@@ -233,7 +238,8 @@ def test_bf16_losses_close_to_float32(tmp_path, objective):
     losses = {}
     for amp in (False, True):
         trace = LossTrace()
-        tiny_run(tiny_config(tmp_path / str(amp), objective=objective, amp=amp, missing_rate=0.3), n_train=32, callbacks=[trace])
+        tiny_run(tiny_config(tmp_path / str(amp), objective=objective, amp=amp, missing_rate=0.3), n_train=32,
+                 callbacks=[trace])
         losses[amp] = torch.stack(trace.losses)
     assert losses[True].dtype == torch.float32 and len(losses[True]) == 4
     rel = ((losses[True] - losses[False]).abs() / losses[False].abs()).tolist()
@@ -269,14 +275,15 @@ def test_fusion_and_kls_stay_float32_under_autocast():
     assert mu.dtype == lv.dtype == torch.float32
     assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in logs.values())
     for k, v in got.items():
-        for a, b in zip(v if isinstance(v, tuple) else (v,), ref[k] if isinstance(ref[k], tuple) else (ref[k],)):
+        for a in v if isinstance(v, tuple) else (v,):
             assert a.dtype == torch.float32, k
     # the fusion itself runs in float32: fed the float32 experts under autocast, the same values as without it
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         again = fused(mu32, lv32)
     for k in ref:
-        for a, b in zip(again[k] if isinstance(again[k], tuple) else (again[k],), ref[k] if isinstance(ref[k], tuple) else (ref[k],)):
-            torch.testing.assert_close(a, b, rtol=FUSION_RTOL, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        for a, b in zip(again[k] if isinstance(again[k], tuple) else (again[k],),
+                        ref[k] if isinstance(ref[k], tuple) else (ref[k],), strict=True):
+            torch.testing.assert_close(a, b, rtol=FUSION_RTOL, atol=1e-6, msg=lambda m: f"{k}: {m}")  # noqa: B023
 
 
 # ---------------------------------------------------------------------------------------------- static shapes
@@ -285,8 +292,10 @@ def test_drop_last_gives_one_shape(tmp_path, missing_rate):
     "drop_last: every step's batch has one shape; an epoch sees len - len % batch tuples (two epochs)."
     n, b = 43, 8
     trace = LossTrace()
-    out = tiny_run(tiny_config(tmp_path, drop_last=True, epochs=2, missing_rate=missing_rate), n_train=n, callbacks=[trace])
-    assert len(trace.shapes) == 2 * (n // b) and len({tuple(sorted(s.items())) for s in trace.shapes}) == 1, trace.shapes
+    out = tiny_run(tiny_config(tmp_path, drop_last=True, epochs=2, missing_rate=missing_rate), n_train=n,
+                   callbacks=[trace])
+    assert len(trace.shapes) == 2 * (n // b), trace.shapes
+    assert len({tuple(sorted(s.items())) for s in trace.shapes}) == 1, trace.shapes
     assert trace.rows == 2 * (n - n % b)
     assert [h["step"] for h in out["history"]] == [n // b, 2 * (n // b)]
     # without drop_last (the CPU default) the last batch is the remainder

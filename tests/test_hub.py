@@ -25,9 +25,21 @@ import yaml
 from torch.utils.data import default_collate
 
 import mopoe.io
-from mopoe.hub import (CARD_NAME, CONFIG_NAME, MODEL_OPTIONS, PRETRAINED_FILES, RESULTS_NAME, WEIGHTS_NAME,
-                       PretrainedError, from_pretrained, hub_cache_entry, load_pretrained, main_export, push_to_hub,
-                       save_pretrained)
+from mopoe.hub import (
+    CARD_NAME,
+    CONFIG_NAME,
+    MODEL_OPTIONS,
+    PRETRAINED_FILES,
+    RESULTS_NAME,
+    WEIGHTS_NAME,
+    PretrainedError,
+    from_pretrained,
+    hub_cache_entry,
+    load_pretrained,
+    main_export,
+    push_to_hub,
+    save_pretrained,
+)
 from mopoe.io import DiskFullError
 from mopoe.train import BUILD_OPTIONS, coerce_option, config_key, load_run, resolve_config, run, saved_config
 
@@ -148,14 +160,15 @@ def test_model_card_has_the_header_the_provenance_first_and_the_exact_command(ex
         assert card_metrics[f"latent accuracy, {k} modalit{'y' if k == '1' else 'ies'} given"] == v
     card = huggingface_hub.ModelCard.load(exported[0] / CARD_NAME)            # the hub's own reader
     assert card.data.library_name == "mopoe"
-    assert sorted(e.metric_value for e in card.data.eval_results) == sorted(results["metrics"]["latent"]["by_size"].values())
+    assert (sorted(e.metric_value for e in card.data.eval_results)
+            == sorted(results["metrics"]["latent"]["by_size"].values()))
     # the command, read back as mopoe-train would, gives the run's config option for option
     cmd = next(line for line in body.splitlines() if line.startswith("mopoe-train "))
     words = shlex.split(cmd)[1:]
-    back = resolve_config({k[2:]: coerce_option(k[2:], v) for k, v in zip(words[::2], words[1::2])})
+    back = resolve_config({k[2:]: coerce_option(k[2:], v) for k, v in zip(words[::2], words[1::2], strict=True)})
     assert asdict(back) == asdict(runs["mopoe"]["config"])
     assert config_key(back) == results["config_key"]
-    assert cmd in text and "papermill nbs/train.ipynb out.ipynb -p epochs 1" in text     # the run came from the notebook
+    assert cmd in text and "papermill nbs/train.ipynb out.ipynb -p epochs 1" in text   # the run came from the notebook
 
 
 def _copy(exported, tmp_path):
@@ -227,10 +240,13 @@ CRAFTED = {
     "a missing tensor": (_weights(_dropped), "model.safetensors lacks tensor 'encoders.text.mu.bias'"),
     "an extra tensor": (_weights(_extra), "model.safetensors holds tensor 'extra.weight'"),
     "a wrong shape": (_weights(_reshaped), "tensor 'encoders.mnist.mu.bias' has shape (21,), the model's is (20,)"),
-    "a wrong dtype": (_weights(_float64), "tensor 'encoders.mnist.mu.bias' is torch.float64, the model's is torch.float32"),
-    "the weights absent": (_absent_with_a_pickle, "model.safetensors does not exist: the saved model's weights are absent "
-                                                  "(the folder holds pytorch_model.bin, which mopoe never loads"),
-    "another architecture": (_edit("architecture", "MultiVaeJMVAE"), "config.json: key 'architecture' names 'MultiVaeJMVAE'"),
+    "a wrong dtype": (_weights(_float64),
+                      "tensor 'encoders.mnist.mu.bias' is torch.float64, the model's is torch.float32"),
+    "the weights absent": (_absent_with_a_pickle,
+                           "model.safetensors does not exist: the saved model's weights are absent (the folder holds "
+                           "pytorch_model.bin, which mopoe never loads"),
+    "another architecture": (_edit("architecture", "MultiVaeJMVAE"),
+                             "config.json: key 'architecture' names 'MultiVaeJMVAE'"),
     "another format": (_edit("format", "multivae/1"), "config.json: key 'format' is 'multivae/1'"),
     "config and build_options disagree": (_edit("config.latent_dim", 32), "key 'config.latent_dim' (32) and "
                                                                            "'build_options.latent_dim' (20) differ"),
@@ -238,7 +254,8 @@ CRAFTED = {
                                                    "model's is (32, 400)"),
     "an unknown objective": (_other_objective, "config.json: unknown objective 'evil'"),
     "no dataset description": (_edit("info", drop=True), "config.json: key 'info' is missing"),
-    "config.json not JSON": (lambda d: (d / CONFIG_NAME).write_bytes(pickle.dumps(Evil())), "config.json is not valid JSON"),
+    "config.json not JSON": (lambda d: (d / CONFIG_NAME).write_bytes(pickle.dumps(Evil())),
+                             "config.json is not valid JSON"),
     "config.json absent": (lambda d: (d / CONFIG_NAME).unlink(), "config.json does not exist"),
     **{f"build option {k} missing": (_edit(f"build_options.{k}", drop=True), f"config.json: key 'build_options.{k}' is "
                                      "missing; the model cannot be rebuilt with certainty") for k in MODEL_OPTIONS},
@@ -259,10 +276,12 @@ def test_missing_optional_packages_are_named_with_the_extra(exported, runs, tmp_
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)                 # a local folder needs no hub package
     _equal_models(from_pretrained(exported[0]), runs["mopoe"]["model"].eval())
     for call in (lambda: from_pretrained("org/name"), lambda: push_to_hub(exported[0], "org/name")):
-        with pytest.raises(ImportError, match=r"optional package 'huggingface_hub'.*pip install \"mopoe\[hub\]\""): call()
+        with pytest.raises(ImportError, match=r"optional package 'huggingface_hub'.*pip install \"mopoe\[hub\]\""):
+            call()
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    for call in (lambda: from_pretrained(exported[0]), lambda: save_pretrained(runs["mopoe"]["out_dir"], tmp_path / "x")):
+    for call in (lambda: from_pretrained(exported[0]),
+                 lambda: save_pretrained(runs["mopoe"]["out_dir"], tmp_path / "x")):
         with pytest.raises(ImportError, match=r"optional package 'safetensors'.*pip install \"mopoe\[hub\]\""): call()
     assert main_export([runs["mopoe"]["out_dir"], str(tmp_path / "y")]) == 1
     err = capsys.readouterr().err
@@ -275,7 +294,8 @@ def test_export_refuses_a_used_out_dir_and_never_leaves_half_a_folder(runs, tmp_
     (tmp_path / "full").mkdir(); (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main_export([src, str(tmp_path / "full")]) == 1
     assert "exists and is not empty; refusing to overwrite it" in capsys.readouterr().err
-    assert [f.name for f in (tmp_path / "full").iterdir()] == ["keep.txt"] and (tmp_path / "full/keep.txt").read_text() == "mine"
+    assert [f.name for f in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    assert (tmp_path / "full/keep.txt").read_text() == "mine"
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="exists and is not a folder"): save_pretrained(src, tmp_path / "afile")
     (tmp_path / "empty").mkdir()
@@ -286,7 +306,8 @@ def test_export_refuses_a_used_out_dir_and_never_leaves_half_a_folder(runs, tmp_
         if len(data) > 1_000_000: f.write(data[:len(data) // 2]); raise OSError(28, "No space left on device")
         real(f, data)
     monkeypatch.setattr(mopoe.io, "_write", full_disk)
-    with pytest.raises(DiskFullError, match=f"no space left on device while writing {tmp_path / 'new'}; nothing was written"):
+    with pytest.raises(DiskFullError,
+                       match=f"no space left on device while writing {tmp_path / 'new'}; nothing was written"):
         save_pretrained(src, tmp_path / "new")
     assert calls and not (tmp_path / "new").exists()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["afile", "empty", "full"]   # no partial folder left behind
@@ -387,8 +408,8 @@ def test_save_pretrained_takes_every_form_of_a_run(runs, tmp_path):
         kw = dict(config=res["config"], info=res["info"]) if name.startswith("model") else {}
         out = save_pretrained(form, tmp_path / name.replace(" ", "_").replace("'", ""), **kw)
         assert (out / WEIGHTS_NAME).read_bytes() == weights, name
-        assert json.loads((out / CONFIG_NAME).read_text())["build_options"] == json.loads((ref / CONFIG_NAME).read_text())[
-            "build_options"], name
+        assert (json.loads((out / CONFIG_NAME).read_text())["build_options"]
+                == json.loads((ref / CONFIG_NAME).read_text())["build_options"]), name
     with pytest.raises(TypeError, match="needs config= .* and info="): save_pretrained(res["model"], tmp_path / "bare")
     wrong = resolve_config(asdict(res["config"]), latent_dim=8)
     with pytest.raises(ValueError, match="the config given does not build this model .* nothing was written"):
@@ -402,7 +423,8 @@ def test_the_card_says_why_a_run_has_no_metrics(runs, tmp_path):
     r = json.loads((src / RESULTS_NAME).read_text()); r["evaluated_epoch"] = 7
     (src / RESULTS_NAME).write_text(json.dumps(r))
     card = (save_pretrained(src, tmp_path / "a") / CARD_NAME).read_text()
-    assert "No metrics: its results.json evaluated epoch 7, the checkpoint is epoch 1." in card and "model-index" not in card
+    assert "No metrics: its results.json evaluated epoch 7, the checkpoint is epoch 1." in card
+    assert "model-index" not in card
     (src / RESULTS_NAME).unlink()
     out = save_pretrained(src, tmp_path / "b")
     assert "No metrics: the run folder has no results.json (not evaluated)." in (out / CARD_NAME).read_text()

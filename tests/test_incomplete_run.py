@@ -8,19 +8,19 @@ from mopoe.incomplete import IncompleteDataset, complete_view, distinct_tuples, 
 from mopoe.train import incomplete_train_set, resolve_config, train
 from toys import INFO, ToyPairs
 
-
-@pytest.mark.parametrize("bad, msg", [(dict(missing_rate=1.0), "missing_rate must be below 1"),
-                                      (dict(missing_fraction=0.5), "missing_modality and missing_fraction go together"),
-                                      (dict(missing_modality="svhn"), "missing_modality and missing_fraction go together"),
-                                      (dict(complete_only_repeat=True), "complete_only_repeat needs complete_only")])
+@pytest.mark.parametrize("bad, msg", [
+    (dict(missing_rate=1.0), "missing_rate must be below 1"),
+    (dict(missing_fraction=0.5), "missing_modality and missing_fraction go together"),
+    (dict(missing_modality="svhn"), "missing_modality and missing_fraction go together"),
+    (dict(complete_only_repeat=True), "complete_only_repeat needs complete_only")])
 def test_missing_options_are_validated(bad, msg):
     with pytest.raises(ValueError, match=msg): resolve_config(**bad)
 
 
 def test_incomplete_training_set_and_a_run_on_it(tmp_path):
     base = ToyPairs(64, 0)
-    cfg = resolve_config(dataset="mnist_svhn_text", missing_rate=0.5, epochs=1, batch_size=16, latent_dim=4, device="cpu",
-                         out_dir=str(tmp_path / "run"), seed=2)
+    cfg = resolve_config(dataset="mnist_svhn_text", missing_rate=0.5, epochs=1, batch_size=16, latent_dim=4,
+                         device="cpu", out_dir=str(tmp_path / "run"), seed=2)
     assert incomplete_train_set(base, INFO, dataclasses.replace(cfg, missing_rate=0.0)) is base     # nothing missing
     ds = incomplete_train_set(base, INFO, cfg)
     assert isinstance(ds, IncompleteDataset) and complete_view(ds) is base
@@ -41,18 +41,21 @@ def test_incomplete_training_set_and_a_run_on_it(tmp_path):
 
 def test_an_option_added_later_keeps_old_run_folders_and_checkpoints(tmp_path):
     import json
+
     from mopoe.train import config_key, load_checkpoint, save_checkpoint
     cfg = resolve_config(dataset="mnist_svhn_text", epochs=1, batch_size=16, latent_dim=4, device="cpu",
                          out_dir=str(tmp_path / "run"), seed=1)
     from pathlib import Path
+
     from mopoe.train import stored_options
     committed = sorted((Path(__file__).resolve().parents[1] / "results").glob("**/results.json"))
     assert len(committed) >= 20
-    for f in committed:                          # every committed run folder keeps its key (options added or renamed later)
+    for f in committed:                      # every committed run folder keeps its key (options added or renamed later)
         saved = json.loads(f.read_text())
         c = resolve_config(stored_options(saved["config"]))
         assert config_key(c) == saved["config_key"], f
-    assert config_key(dataclasses.replace(cfg, complete_only=True, complete_only_repeat=True)) != config_key(dataclasses.replace(cfg, complete_only=True))
+    assert (config_key(dataclasses.replace(cfg, complete_only=True, complete_only_repeat=True))
+            != config_key(dataclasses.replace(cfg, complete_only=True)))
     data = (ToyPairs(48, 0), ToyPairs(16, 1), INFO)
     train(cfg, progress=False, data=data)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -61,4 +64,5 @@ def test_an_option_added_later_keeps_old_run_folders_and_checkpoints(tmp_path):
     res = train(dataclasses.replace(cfg, epochs=2, resume=True), progress=False, data=data)
     assert [h["epoch"] for h in res["history"]] == [1, 2]
     with pytest.raises(Exception, match="another config"):                       # a real difference is still refused
-        train(dataclasses.replace(cfg, epochs=3, resume=True, complete_only_repeat=True, complete_only=True), progress=False, data=data)
+        train(dataclasses.replace(cfg, epochs=3, resume=True, complete_only_repeat=True, complete_only=True),
+              progress=False, data=data)

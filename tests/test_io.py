@@ -1,4 +1,4 @@
-"""mopoe.io's run lock with real processes: two processes contend for one folder, a SIGKILLed holder's lock is taken over."""
+"""mopoe.io's run lock with real processes: two contend for one folder, a SIGKILLed holder's lock is taken over."""
 import os
 import signal
 import subprocess
@@ -11,7 +11,8 @@ import pytest
 from mopoe.io import LOCK_FILE, RunLockedError, clean_stale_temp, expand_path, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+       "OMP_NUM_THREADS": "1"}
 
 CONTENDER = textwrap.dedent("""
     import os, sys, time
@@ -29,8 +30,8 @@ CONTENDER = textwrap.dedent("""
 
 
 def _spawn(code, *args):
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def test_two_processes_contend_for_one_folder(tmp_path):
@@ -61,7 +62,8 @@ def test_sigkilled_holder_is_taken_over(tmp_path):
     with run_lock(folder) as held:
         assert held.stale["pid"] == holder.pid                 # the killed holder's record, reported
         # while this process holds it, another process is refused and told this PID
-        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom mopoe.io import run_lock\nwith run_lock(sys.argv[1]): pass",
+        probe = subprocess.run([sys.executable, "-c",
+                                "import sys\nfrom mopoe.io import run_lock\nwith run_lock(sys.argv[1]): pass",
                                 str(folder)], capture_output=True, text=True, env=ENV, timeout=60)
         assert probe.returncode != 0 and "RunLockedError" in probe.stderr and f"PID {os.getpid()}" in probe.stderr
 

@@ -1,12 +1,20 @@
-"""The metric interface of mopoe.evaluate: registry, configuration, one shared pass, a metric written outside the package."""
+"""The metric interface of mopoe.evaluate: registry, configuration, one shared pass, a metric written outside it."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from mopoe.evaluate import DEFAULT_METRICS, METRICS, EvalContext, LogLikelihood, Metric, evaluate, get_metric, register_metric
-
+from mopoe.evaluate import (
+    DEFAULT_METRICS,
+    METRICS,
+    EvalContext,
+    LogLikelihood,
+    Metric,
+    evaluate,
+    get_metric,
+    register_metric,
+)
 
 class _Tuples(torch.utils.data.Dataset):
     "n tuples of 3 modalities: 3 * onehot(label) plus noise, the same coordinates in every modality."
@@ -19,7 +27,8 @@ class _Tuples(torch.utils.data.Dataset):
     def __getitem__(self, i): return {m: t[i] for m, t in self.x.items()}, self.y[i]
 
 
-_INFO = SimpleNamespace(name="toy", modalities=["m0", "m1", "m2"], multilabel=False, label_names=[str(i) for i in range(10)])
+_INFO = SimpleNamespace(name="toy", modalities=["m0", "m1", "m2"], multilabel=False,
+                        label_names=[str(i) for i in range(10)])
 
 
 class _Model(nn.Module):
@@ -68,8 +77,9 @@ def test_custom_metric_one_pass_one_encoding(recorder):
     m = recorder()
     r = evaluate(model, train, test, _INFO, metrics=["latent", m], batch_size=32, num_latent_train=100, progress=False)
     assert m.calls == [("begin", 100, "m0,m1,m2"), ("batch", 32), ("batch", 32), ("batch", 32), ("batch", 4), ("end",)]
-    assert model.encoded == 4                                             # one encoder pass per batch, shared by both metrics
-    assert r["recorder_test"] == {"batches": 4} and r["n"]["recorder_test"] == 100 and r["metrics"] == ["latent", "recorder_test"]
+    assert model.encoded == 4                                      # one encoder pass per batch, shared by both metrics
+    assert r["recorder_test"] == {"batches": 4} and r["n"]["recorder_test"] == 100
+    assert r["metrics"] == ["latent", "recorder_test"]
     assert set(r["time"]) >= {"encode", "latent", "recorder_test", "total", "other"}
     assert all(v > 0.95 for v in r["latent"]["per_subset"].values())
 

@@ -12,7 +12,6 @@ from mopoe.likelihoods import Gaussian
 from mopoe.mmvaeplus import MMVAEPlus
 from mopoe.model import MultimodalVAE
 
-
 def build(obj, encoders, decoders, D, Dp, scale):
     "A float64 MultimodalVAE with the MMVAE+ objective `obj`, its auxiliary priors set up."
     model = MultimodalVAE(encoders, decoders, {m: Gaussian(scale) for m in encoders}, D, Dp, objective=obj)
@@ -32,8 +31,8 @@ class Fixed(nn.Module):
 D, DP, DX, SIGMA = 2, 1, 3, 0.5
 
 def linear_gaussian(seed=0):
-    """x_m = A_m z + B_m w_m + SIGMA eps, z ~ N(0, I_D), w_m ~ N(0, I_DP), m = 1, 2. Returns the model (q(z|x_m) the same
-    for both m: a widened exact posterior marginal; q(w_m|x_m) likewise), one data point and its exact log p(X)."""
+    """x_m = A_m z + B_m w_m + SIGMA eps, z ~ N(0, I_D), w_m ~ N(0, I_DP), m = 1, 2. Returns the model (q(z|x_m) the
+    same for both m: a widened exact posterior marginal; q(w_m|x_m) likewise), one data point and its exact log p(X)."""
     g = torch.Generator().manual_seed(seed)
     A = [torch.randn(DX, D, generator=g, dtype=torch.float64) for _ in range(2)]
     Bm = [torch.randn(DX, DP, generator=g, dtype=torch.float64) for _ in range(2)]
@@ -46,7 +45,7 @@ def linear_gaussian(seed=0):
     exact = torch.distributions.MultivariateNormal(torch.zeros(2 * DX, dtype=torch.float64), cov).log_prob(x)
     S = torch.linalg.inv(torch.eye(D + 2 * DP, dtype=torch.float64) + W.T @ W / SIGMA**2)   # posterior of [z; w_1; w_2]
     m = S @ W.T @ x / SIGMA**2
-    var = S.diagonal() * 1.5                                         # mean-field and a little too wide: the bound has a gap
+    var = S.diagonal() * 1.5                                   # mean-field and a little too wide: the bound has a gap
     enc = {}
     for i, name in enumerate(("a", "b")):
         sl = list(range(D)) + [D + i * DP + j for j in range(DP)]        # z, then this modality's w
@@ -65,9 +64,10 @@ def bound_stats(K, rows, seed, estimator="iwae"):
     model = build(MMVAEPlus(K=K, estimator=estimator, family="gaussian"), enc, dec, D, DP, SIGMA)
     xb = {m: t.expand(rows, -1) for m, t in x.items()}
     torch.manual_seed(seed)
-    G = 50                                    # G batches of rows / G draws each: the spread of the batch means gives the s.e.
+    G = 50                                # G batches of rows / G draws each: the batch means' spread gives the s.e.
     with torch.no_grad():
-        vals = torch.stack([-model.objective.model_loss(model, {m: t[: rows // G] for m, t in xb.items()})[0] for _ in range(G)])
+        vals = torch.stack([-model.objective.model_loss(model, {m: t[: rows // G] for m, t in xb.items()})[0]
+                            for _ in range(G)])
     return vals.mean().item(), vals.std().item() / math.sqrt(G), exact
 
 
@@ -76,11 +76,12 @@ def test_iwae_bound_rises_with_K_to_exact_log_likelihood():
     stats = [bound_stats(K, 2000, seed=K) for K in Ks]
     exact = stats[0][2]
     means, ses = [s[0] for s in stats], [s[1] for s in stats]
-    for mean, se in zip(means, ses): assert mean <= exact + 4 * se + 1e-9, (means, exact)        # a lower bound at every K
-    for i in range(3):                                                                               # rises with K
+    for mean, se in zip(means, ses, strict=True):                                        # a lower bound at every K
+        assert mean <= exact + 4 * se + 1e-9, (means, exact)
+    for i in range(3):                                                                   # rises with K
         assert means[i + 1] - means[i] > 4 * math.hypot(ses[i], ses[i + 1]), (means, ses)
-    assert exact - means[0] > 0.2, (means, exact)                                                   # the ELBO has a real gap
-    assert exact - means[-1] < 0.05 * (exact - means[0]) + 4 * ses[-1], (means, exact)             # K = 1000 closes it
+    assert exact - means[0] > 0.2, (means, exact)                                        # the ELBO has a real gap
+    assert exact - means[-1] < 0.05 * (exact - means[0]) + 4 * ses[-1], (means, exact)   # K = 1000 closes it
     # the K-sample ELBO (mean of the log-weights) does not move with K; K = 1 is one number for both estimators
     e1, se1, _ = bound_stats(1, 2000, seed=7, estimator="elbo")
     e100, se100, _ = bound_stats(100, 2000, seed=8, estimator="elbo")
@@ -122,7 +123,8 @@ def gradients(estimator, shared, K, calls, rows, family="gaussian", seed=0):
     model = build(MMVAEPlus(K=K, estimator=estimator, family=family), encs, decs, D, Dp, 0.5)
     g = torch.Generator().manual_seed(123)
     xa = torch.randn(1, 3, generator=g, dtype=torch.float64)
-    x = {"a": xa.expand(rows, -1), "b": (xa if shared else torch.randn(1, 3, generator=g, dtype=torch.float64)).expand(rows, -1)}
+    xb = xa if shared else torch.randn(1, 3, generator=g, dtype=torch.float64)
+    x = {"a": xa.expand(rows, -1), "b": xb.expand(rows, -1)}
     enc_p = list(model.encoders.parameters())
     dec_p = list(model.decoders.parameters()) + [model.objective.aux_raw]
     torch.manual_seed(seed)
@@ -201,7 +203,8 @@ def test_training_step_reads_no_device_value(estimator):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class HostReads(TorchDispatchMode):
-        READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.nonzero.default)
+        READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                 torch.ops.aten.nonzero.default)
         def __init__(s): super().__init__(); s.reads = []
         def __torch_dispatch__(s, func, types, args=(), kwargs=None):
             if func in s.READS: s.reads.append(str(func))

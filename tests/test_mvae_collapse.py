@@ -1,5 +1,6 @@
 """The faithful MVAE's experts switch themselves off in a product with the prior expert on PolyMNIST, and the KL
-warm-up keeps them alive over the same steps (results/mvae_collapse.md; the measurement is benchmarks/check_mvae_collapse.py)."""
+warm-up keeps them alive over the same steps (results/mvae_collapse.md; the measurement is
+benchmarks/check_mvae_collapse.py)."""
 import importlib.util
 from pathlib import Path
 
@@ -13,5 +14,5 @@ def test_prior_expert_collapse_and_the_warmup_that_prevents_it(data_dir):
     run = lambda variant: check_mvae_collapse.check(variant, steps=50, every=25, num_train=2000, data_dir=str(data_dir))
     faithful, warm = run("cpu")["rows"], run("warmup")["rows"]
     assert faithful[0]["switched_off"] == 0                                   # alive at initialisation
-    assert faithful[-1]["switched_off"] > 0.9 and faithful[-1]["kl"] < 0.01   # every expert off: the posterior is the prior
+    assert faithful[-1]["switched_off"] > 0.9 and faithful[-1]["kl"] < 0.01   # all experts off: posterior = prior
     assert warm[-1]["switched_off"] == 0 and warm[-1]["kl"] > 1               # warmed up: the experts carry information

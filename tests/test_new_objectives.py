@@ -24,7 +24,8 @@ def _config(objective, data_dir, out, **kw):
 def _finite_metrics(metrics):
     per = metrics["latent"]["per_subset"]
     assert len(per) == 7 and all(0 <= v["mnist"] <= 1 for v in per.values() if isinstance(v, dict))
-    assert set(metrics["coherence"]) >= {"by_size"} and all(0 <= v <= 1 for v in metrics["coherence"]["by_size"]["excl_target"].values())
+    assert set(metrics["coherence"]) >= {"by_size"}
+    assert all(0 <= v <= 1 for v in metrics["coherence"]["by_size"]["excl_target"].values())
     assert math.isfinite(metrics["loglik"]["X"]) and metrics["loglik"]["X"] < 0
 
 
@@ -94,7 +95,8 @@ def test_code_vae_trains_evaluates_and_reloads_its_subset_weights(data_dir, tmp_
     cfg = _config("code_vae", data_dir, tmp_path / "run", objective_options="rho=0.4,entropy_weight=1.0", lr=0.05)
     res = run(cfg, progress=False)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["config"]["objective"] == "code_vae" and saved["config"]["objective_options"] == "entropy_weight=1.0,rho=0.4"
+    assert saved["config"]["objective"] == "code_vae"
+    assert saved["config"]["objective_options"] == "entropy_weight=1.0,rho=0.4"
     _finite_metrics(saved["metrics"])
     h = saved["history"][0]
     assert h["train_weight_max"] > h["train_weight_min"] > 0 and 0 < h["train_weights_entropy"] <= math.log(7) + 1e-6

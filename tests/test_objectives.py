@@ -8,7 +8,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mopoe.model import MultimodalVAE
 from mopoe.objectives import OBJECTIVES, MoPoE, Objective, get_objective, load_objectives, register_objective
 
-
 def _model(objective, Dp=0, M=3, **kw):
     torch.manual_seed(0)
 
@@ -16,7 +15,8 @@ def _model(objective, Dp=0, M=3, **kw):
         def __init__(s): super().__init__(); s.l = nn.Linear(6, 2 * (4 + Dp))
         def forward(s, t): return s.l(t).chunk(2, -1)
     names = [f"m{i}" for i in range(M)]
-    return MultimodalVAE({m: Enc() for m in names}, {m: nn.Sequential(nn.Linear(4 + Dp, 6), nn.Sigmoid()) for m in names},
+    return MultimodalVAE({m: Enc() for m in names},
+                         {m: nn.Sequential(nn.Linear(4 + Dp, 6), nn.Sigmoid()) for m in names},
                          {m: "laplace" for m in names}, 4, Dp, objective, **kw)
 
 
@@ -29,7 +29,7 @@ def _batch(M=3, B=10):
 
 def test_new_objective_is_one_class_and_one_registration():
     @register_objective
-    class HalfKL(MoPoE):                                   # MoPoE with the KL counted at half weight, as a user would write it
+    class HalfKL(MoPoE):                           # MoPoE with the KL counted at half weight, as a user would write it
         name, equation = "test_half_kl", "Eq. 6 with beta / 2"
 
         def loss(self, mu, logvar, log_lik, beta=1.0, observed=None, ids=None, check=True):

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import torch
 
-
 def test_readme_api_example_runs():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)

@@ -13,8 +13,16 @@ import torch
 
 import fixtures_real as fx
 import mopoe.data.files as files
-from mopoe.data import (DIGIT_WORDS, POLYMNIST_URL, ChecksumError, DataFormatError, MissingDataError, celeba_text,
-                        decode_text, get_datasets)
+from mopoe.data import (
+    DIGIT_WORDS,
+    POLYMNIST_URL,
+    ChecksumError,
+    DataFormatError,
+    MissingDataError,
+    celeba_text,
+    decode_text,
+    get_datasets,
+)
 
 NB = Path(__file__).resolve().parents[1] / "nbs" / "train.ipynb"
 
@@ -157,8 +165,9 @@ def test_polymnist_generated_from_torchvision_mnist(tmp_path):
     tr, te, info = get_datasets("polymnist", root=tmp_path, source="generated", num_modalities=3, num_train=50,
                                 num_test=20, download=False)
     assert info.source == "generated" and not info.paper_data and "torchvision's MNIST" in info.note
-    from mopoe.train import resolve_config, stand_in_label            # a run on it is labelled: not the released files
-    assert "generated with Appendix D's recipe" in stand_in_label(resolve_config(dataset="polymnist", source="generated"), info)
+    from mopoe.train import resolve_config, stand_in_label  # a run on it is labelled: not the released files
+    label = stand_in_label(resolve_config(dataset="polymnist", source="generated"), info)
+    assert "generated with Appendix D's recipe" in label
     for ds, split in ((tr, "train"), (te, "test")):
         X, y = mn[split]
         mi = ds.meta["mnist_index"].numpy()                        # (N, M) indices into the IDX files
@@ -190,7 +199,8 @@ def test_celeba_reads_torchvision_files(tmp_path):
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
-    fx.write_mnist_raw(root); fx.write_svhn_mat(root); fx.write_polymnist_release(root, as_zip=True); fx.write_celeba(root)
+    fx.write_mnist_raw(root); fx.write_svhn_mat(root)
+    fx.write_polymnist_release(root, as_zip=True); fx.write_celeba(root)
     return root
 
 
@@ -205,7 +215,8 @@ def test_train_notebook_paper_preset_on_real_fixture(dataset, fixture_root, tmp_
     res = json.loads((out / "results.json").read_text())
     cfg, paper = res["config"], PAPER_SETUPS[dataset]
     assert cfg["source"] == "real" and cfg["preset"] == "paper"
-    assert (cfg["latent_dim"], cfg["private_dim"], cfg["beta"], cfg["lr"]) == (paper.latent_dim, paper.private_dim, paper.beta, paper.lr)
+    assert ((cfg["latent_dim"], cfg["private_dim"], cfg["beta"], cfg["lr"])
+            == (paper.latent_dim, paper.private_dim, paper.beta, paper.lr))
     assert res["data"]["sizes"] == {"train": 16, "test": 8} and res["data"]["source"] == "real"
     assert res["data"]["synthetic"] == [] and not res["data"]["stand_in"] and res["data"]["label"] == ""
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -216,17 +227,18 @@ def test_train_notebook_paper_preset_on_real_fixture(dataset, fixture_root, tmp_
 
 # ---------------------------------------------------------------- the paper's setups
 # Transcribed from /work/shared/reference/paper_results.md, "Setups" (paper appendix): shared latent, modality-specific
-# latent, epochs, Adam lr, batch, beta, Laplace scale; reconstruction weights: PolyMNIST "1 each", the others by data size –
-# for CelebA relative to the image's pixels per channel (64 * 64 / data size: image 1/3, text 16), and its private
-# latents' KL weighted beta_style 2 times 1 (image) and 5 (text) as the authors ran it (thomassutter/MoPoE job_celeba,
-# celeba/experiment.py set_rec_weights and set_style_weights).
+# latent, epochs, Adam lr, batch, beta, Laplace scale; reconstruction weights: PolyMNIST "1 each", the others by data
+# size – for CelebA relative to the image's pixels per channel (64 * 64 / data size: image 1/3, text 16), and its
+# private latents' KL weighted beta_style 2 times 1 (image) and 5 (text) as the authors ran it (thomassutter/MoPoE
+# job_celeba, celeba/experiment.py set_rec_weights and set_style_weights).
 REFERENCE = {
-    "polymnist":       dict(latent_dim=512, private_dim=0,  epochs=300, lr=1e-3, batch_size=256, beta=2.5, likelihood_scale=0.75,
-                            rec_weights="uniform", num_modalities=5),
-    "mnist_svhn_text": dict(latent_dim=20,  private_dim=0,  epochs=150, lr=1e-3, batch_size=256, beta=2.5, likelihood_scale=0.75,
-                            rec_weights="data_size", num_modalities=3),
-    "celeba":          dict(latent_dim=32,  private_dim=32, epochs=200, lr=5e-4, batch_size=256, beta=2.5, likelihood_scale=0.75,
-                            rec_weights={"img": 1 / 3, "text": 16.0}, num_modalities=2, private_beta=2.0,
+    "polymnist":       dict(latent_dim=512, private_dim=0,  epochs=300, lr=1e-3, batch_size=256, beta=2.5,
+                            likelihood_scale=0.75, rec_weights="uniform", num_modalities=5),
+    "mnist_svhn_text": dict(latent_dim=20,  private_dim=0,  epochs=150, lr=1e-3, batch_size=256, beta=2.5,
+                            likelihood_scale=0.75, rec_weights="data_size", num_modalities=3),
+    "celeba":          dict(latent_dim=32,  private_dim=32, epochs=200, lr=5e-4, batch_size=256, beta=2.5,
+                            likelihood_scale=0.75, rec_weights={"img": 1 / 3, "text": 16.0}, num_modalities=2,
+                            private_beta=2.0,
                             private_style_weights={"img": 1.0, "text": 5.0}),
 }
 
@@ -254,7 +266,8 @@ def test_paper_preset_builds_the_model_its_setup_describes(name, tmp_path):
     model = build_model(resolve_config(dataset=name, preset="paper", device="cpu"), info)
     assert (model.latent_dim, model.private_dim) == (setup.latent_dim, setup.private_dim)
     assert [type(model.likelihoods[m]).__name__.lower() for m in info.modalities] == [
-        setup.text_likelihood if info.likelihoods[m] == "categorical" else setup.image_likelihood for m in info.modalities]
+        setup.text_likelihood if info.likelihoods[m] == "categorical" else setup.image_likelihood
+        for m in info.modalities]
     want = setup.model_options(info)
     assert model.rec_weights == pytest.approx(want["rec_weights"])          # read by the loss: sum_m w_m log p(x_m | z)
     if setup.private_dim:
@@ -262,9 +275,10 @@ def test_paper_preset_builds_the_model_its_setup_describes(name, tmp_path):
 
 
 def test_command_line_source_real(fixture_root, tmp_path):
-    from mopoe.train import main                   # the `mopoe-train` entry point
+    from mopoe.train import main  # the `mopoe-train` entry point
     status = main(["--dataset", "mnist_svhn_text", "--source", "real", "--data_dir", str(fixture_root), "--epochs", "1",
-                   "--batch_size", "8", "--num_train", "16", "--num_test", "8", "--device", "cpu", "--classifier_epochs", "1",
+                   "--batch_size", "8", "--num_train", "16", "--num_test", "8", "--device", "cpu",
+                   "--classifier_epochs", "1",
                    "--loglik_samples", "2", "--loglik_max_test", "8", "--out_dir", str(tmp_path / "cli")])
     assert status == 0
     res = json.loads((tmp_path / "cli" / "results.json").read_text())

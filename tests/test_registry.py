@@ -5,7 +5,6 @@ import torch
 import mopoe.data as D
 from mopoe.nets import PAPER_SETUPS
 
-
 def test_builtin_registrations_carry_what_the_trainer_uses():
     "The trainer's dataset choices and presets come from the registry; the presets are the measured ones of the README."
     import mopoe.train as T
@@ -18,7 +17,8 @@ def test_builtin_registrations_carry_what_the_trainer_uses():
         assert e.cpu_preset == T.cpu_preset(name) == measured[name], name
         cfg = T.resolve_config(dataset=name)
         assert all(getattr(cfg, k) == v for k, v in measured[name].items()), name
-        assert e.paper_setup is PAPER_SETUPS[name] and T.resolve_config(dataset=name, preset="paper").latent_dim == e.paper_setup.latent_dim
+        assert e.paper_setup is PAPER_SETUPS[name]
+        assert T.resolve_config(dataset=name, preset="paper").latent_dim == e.paper_setup.latent_dim
         assert e.sources == D.SOURCES[name] and e.builder is D.DATASETS[name]
 
 

@@ -1,6 +1,6 @@
-"""Issue 28 in the run's rooms: loggers rebuilt on resume, no logger file followed or overwritten, a run stopped mid-epoch
-evaluated as saved, a full disk under a logger named with the checkpoint intact, errors knowable before training refused
-before it, and the training notebook with any subset of the metrics."""
+"""Issue 28 in the run's rooms: loggers rebuilt on resume, no logger file followed or overwritten, a run stopped
+mid-epoch evaluated as saved, a full disk under a logger named with the checkpoint intact, errors knowable before
+training refused before it, and the training notebook with any subset of the metrics."""
 import csv
 import dataclasses
 import errno
@@ -15,7 +15,6 @@ import mopoe.build
 import mopoe.loggers
 from conftest import TINY
 from mopoe.io import DiskFullError
-from mopoe.learner import Callback
 from mopoe.train import StopAfter, evaluate_saved, load_checkpoint, resolve_config, run, save_checkpoint, train
 from toys import INFO, ToyPairs
 
@@ -91,13 +90,15 @@ def test_no_logger_writes_through_a_link(tmp_path):
 def test_a_run_stopped_mid_epoch_evaluates_what_was_saved(tmp_path, data_dir, capsys):
     "#8: results.json holds the numbers of the checkpoint it names – the same as mopoe-eval of that checkpoint."
     out = tmp_path / "run"
-    cfg = resolve_config(**{**TINY, "epochs": 3, "metrics": "latent,loglik", "data_dir": str(data_dir), "out_dir": str(out)})
+    cfg = resolve_config(**{**TINY, "epochs": 3, "metrics": "latent,loglik", "data_dir": str(data_dir),
+                            "out_dir": str(out)})
     res = run(cfg, callbacks=[StopAfter(4)], progress=True)            # 3 steps an epoch: stopped in epoch 2
     assert "stopped during epoch 2: evaluating checkpoint.pt (epoch 1)" in capsys.readouterr().out
     first = json.loads((out / "results.json").read_text())
     assert first["evaluated_epoch"] == 1 and load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     again = evaluate_saved(out, device="cpu", progress=False)
-    assert again["metrics"]["loglik"] == first["metrics"]["loglik"] and again["metrics"]["latent"] == first["metrics"]["latent"]
+    assert again["metrics"]["loglik"] == first["metrics"]["loglik"]
+    assert again["metrics"]["latent"] == first["metrics"]["latent"]
     assert res["metrics"]["loglik"] == first["metrics"]["loglik"]
 
 
@@ -110,14 +111,16 @@ def test_a_run_stopped_before_its_first_epoch_evaluates_nothing(tmp_path, data_d
 
 
 def test_a_full_disk_under_a_logger_names_its_file_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    "#14: ENOSPC while the JSON-lines logger appends: DiskFullError naming metrics.jsonl, the epoch's checkpoint intact."
+    "#14: ENOSPC while the JSON-lines logger appends: DiskFullError naming metrics.jsonl, the epoch's checkpoint kept."
     real = os.write
     def full(fd, data):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"): raise OSError(errno.ENOSPC, "No space left on device")
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
     monkeypatch.setattr(mopoe.loggers.os, "write", full)
     out = tmp_path / "run"
-    with pytest.raises(DiskFullError, match=r"metrics.jsonl; the checkpoint of epoch 1 was saved before it and is intact"):
+    with pytest.raises(DiskFullError,
+                       match=r"metrics.jsonl; the checkpoint of epoch 1 was saved before it and is intact"):
         train(cfg_for(out), progress=False, data=DATA)
     monkeypatch.undo()
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
@@ -127,7 +130,8 @@ def test_a_full_disk_under_a_logger_names_its_file_and_keeps_the_checkpoint(tmp_
 
 @pytest.mark.parametrize("options, message", [
     (dict(metrics=""), "metrics must name at least one metric"),
-    (dict(metrics="latent,fid", fid_weights="/no/such/inception.pth"), "fid_weights '/no/such/inception.pth' is not a file"),
+    (dict(metrics="latent,fid", fid_weights="/no/such/inception.pth"),
+     "fid_weights '/no/such/inception.pth' is not a file"),
     (dict(objective="mvae", objective_options="unimodal_elbos=maybe"), "unimodal_elbos must be true or false"),
     (dict(objective="mmvaeplus", objective_options="K=four"), "K must be a whole number, got 'four'"),
     (dict(objective="mmjsd", objective_options="prior_weight=2"), "prior_weight must lie in (0, 1)"),
@@ -167,7 +171,8 @@ def test_the_training_notebook_renders_with_any_metric_subset(tmp_path, data_dir
     import papermill as pm
     nb = Path(__file__).resolve().parents[1] / "nbs" / "train.ipynb"
     params = {**TINY, "metrics": "latent", "data_dir": str(data_dir), "out_dir": str(tmp_path / "run")}
-    pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters=params, progress_bar=False, kernel_name="python3")
+    pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters=params, progress_bar=False,
+                        kernel_name="python3")
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(res["metrics"]["metrics"]) == {"latent"} and "coherence" not in res["metrics"]
     out = json.loads((tmp_path / "out.ipynb").read_text())
@@ -179,13 +184,14 @@ def test_a_full_disk_under_tensorboard_names_its_folder_and_keeps_the_checkpoint
     "#14: ENOSPC in TensorBoard's writer thread: DiskFullError naming the event folder, the epoch's checkpoint saved."
     from tensorboard.summary.writer import record_writer
     real, calls = record_writer.RecordWriter.write, []
-    def full(self, data):                                            # the event file's header fits; the disk fills after
+    def full(self, data):                                 # the event file's header fits; the disk fills after
         calls.append(1)
         if len(calls) > 1: raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, data)
     monkeypatch.setattr(record_writer.RecordWriter, "write", full)
     out = tmp_path / "run"
-    with pytest.raises(DiskFullError, match=r"tensorboard; the checkpoint of epoch 1 was saved before it and is intact"):
+    with pytest.raises(DiskFullError,
+                       match=r"tensorboard; the checkpoint of epoch 1 was saved before it and is intact"):
         train(cfg_for(out, loggers="jsonl,tensorboard"), progress=False, data=DATA)
     monkeypatch.undo()
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and _epochs(out / "metrics.jsonl") == [1]

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import Dataset
 
-
 class ToyPairs(Dataset):
     "n random (mnist, mnist2) image pairs with random labels, seeded."
     def __init__(self, n, seed):
@@ -15,6 +14,7 @@ class ToyPairs(Dataset):
     def __getitem__(self, i): return {"mnist": self.a[i], "mnist2": self.b[i]}, self.y[i]
 
 
-INFO = SimpleNamespace(name="mnist_svhn_text", modalities=["mnist", "mnist2"], shapes={"mnist": (1, 28, 28), "mnist2": (1, 28, 28)},
+INFO = SimpleNamespace(name="mnist_svhn_text", modalities=["mnist", "mnist2"],
+                       shapes={"mnist": (1, 28, 28), "mnist2": (1, 28, 28)},
                        likelihoods={"mnist": "laplace", "mnist2": "laplace"}, data_dims={"mnist": 784, "mnist2": 784},
                        num_classes=10, alphabet=None, synthetic={}, source="offline")
