@@ -10,20 +10,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mopoe.mmvaeplus import (
-    MMVAEPlus,
-    _check_bound,
-    _encode_observed,
-    _noise,
-    _zero,
-    latent_scale,
-    log_density,
-    standard_noise,
-)
 from .experts import rsample
+from .mmvaeplus import MMVAEPlus, log_density, standard_noise
 from .objectives import register_objective
 
 # %% ../nbs/02f_cmvae.ipynb #c005
@@ -59,7 +51,8 @@ class CMVAE(MMVAEPlus):
         return self
 
 # %% ../nbs/02f_cmvae.ipynb #c007
-def _cluster_log_joint(self: CMVAE, z: Tensor) -> Tensor:
+@patch
+def cluster_log_joint(self: CMVAE, z: Tensor) -> Tensor:
     "log p(c) + log p(z | c) for every cluster c: (C, ...) for z (..., D); pruned clusters -inf."
     if self.cluster_means is None: raise RuntimeError("CMVAE has no cluster prior yet: call objective.setup(model)")
     C, D = self.cluster_means.shape
@@ -70,19 +63,19 @@ def _cluster_log_joint(self: CMVAE, z: Tensor) -> Tensor:
     means = self.cluster_means.to(z.dtype).view(C, *(1,) * (z.dim() - 1), D)
     return lpc + log_density(z[None], means, torch.ones((), dtype=z.dtype, device=z.device), self.family)
 
-def _log_prior_z(self: CMVAE, z: Tensor) -> Tensor:
+@patch
+def log_prior_z(self: CMVAE, z: Tensor) -> Tensor:
     "log p(z) = log sum_c pi_c p(z | c) of latents (..., D): (...,)."
     return torch.logsumexp(self.cluster_log_joint(z), 0)
 
-def _cluster_posterior(self: CMVAE, z: Tensor) -> Tensor:
+@patch
+def cluster_posterior(self: CMVAE, z: Tensor) -> Tensor:
     "q(c | z) = p(c | z) for latents (..., D): (C, ...), summing to 1 over the clusters."
     return torch.softmax(self.cluster_log_joint(z), 0)
 
-CMVAE.cluster_log_joint, CMVAE.log_prior_z = _cluster_log_joint, _log_prior_z
-CMVAE.cluster_posterior = _cluster_posterior
-
 # %% ../nbs/02f_cmvae.ipynb #c008
-def _prior_sample(self: CMVAE, n: int, like: Tensor | None = None) -> Tensor:
+@patch
+def prior_sample(self: CMVAE, n: int, like: Tensor | None = None) -> Tensor:
     "n latents (n, D) from the mixture prior: c ~ pi (active clusters), z ~ p(z | c)."
     like = self.cluster_means if like is None else like
     logits = torch.where(self.cluster_active, self.cluster_logits.detach(), torch.full((), -math.inf))
@@ -90,58 +83,17 @@ def _prior_sample(self: CMVAE, n: int, like: Tensor | None = None) -> Tensor:
     means = self.cluster_means.detach()[c].to(like.dtype)
     return means + standard_noise(tuple(means.shape), self.family, like)
 
-CMVAE.prior_sample = _prior_sample
-
 # %% ../nbs/02f_cmvae.ipynb #c012
-def _model_loss(self: CMVAE, model, x: dict, observed: Tensor | None = None, beta=1.0, noise: dict | None = None):
-    "Negative stratified bound with the mixture prior on z, averaged over the batch (DReG: its gradient), and logs."
-    _check_bound(self, model)
+@patch
+def check_model(self: CMVAE, model):
+    "The cluster prior must have been set up for this model's latent size."
     if self.cluster_means is None or self.cluster_means.shape[1] != model.latent_dim:
         raise RuntimeError("CMVAE has no cluster prior for this model: call objective.setup(model)")
-    names, D, Dp, K, fam = list(model.modalities), model.latent_dim, model.private_dim, self.K, self.family
-    data, obs, mu, raw = _encode_observed(model, x, observed, D, Dp)
-    M, B = mu.shape[:2]
-    noise = noise or {}
-    mz, mw = mu[..., :D], mu[..., D:]
-    sz, sw = latent_scale(raw[..., :D], fam), latent_scale(raw[..., D:], fam)      # (M, B, D), (M, B, Dp)
-    z = mz[:, None] + sz[:, None] * _noise(noise, "z", (M, K, B, D), fam, mu)         # (M, K, B, D): stratum m
-    w = mw[:, None] + sw[:, None] * _noise(noise, "w", (M, K, B, Dp), fam, mu)        # (M, K, B, Dp)
-    aux_s = self.aux_scale().to(mu.dtype)                                           # (M, Dp): the scales of r_n
-    aux = _noise(noise, "aux", (M, M, K, B, Dp), fam, mu) * aux_s[:, None, None, None]   # [n, m]: w~_n in stratum m
-    dreg = self.estimator == "dreg"
-    qz, qs, qwm, qws = (t.detach() for t in (mz, sz, mw, sw)) if dreg else (mz, sz, mw, sw)
-    lq = log_density(z[:, :, None], qz, qs, fam)                                    # (M, K, M', B)
-    lq = torch.where(obs.T, lq, torch.full((), -math.inf, dtype=lq.dtype, device=lq.device))
-    n_obs = obs.sum(1).to(mu.dtype)                                                 # (B,)
-    lqz = torch.logsumexp(lq, 2) - torch.log(n_obs)                                 # mixture of the observed posteriors
-    lqw = log_density(w, qwm[:, None], qws[:, None], fam)
-    lpz = self.log_prior_z(z)                                                       # (M, K, B): the mixture prior
-    prior = lpz + log_density(w, _zero(mu), torch.ones((), dtype=mu.dtype, device=mu.device), fam)
-    own = torch.eye(M, dtype=torch.bool, device=mu.device).view(M, M, 1, 1, 1)
-    lpx = torch.zeros_like(prior)
-    for n, m in enumerate(names):
-        if m not in data: continue
-        codes = torch.cat([z, torch.where(own[n], w, aux[n])], -1)                  # stratum n: own w_n; others w~_n
-        p = model.decoders[m](codes.reshape(M * K * B, D + Dp))
-        lp = model.likelihoods[m].log_prob(p.reshape(M, K, B, *p.shape[1:]), data[m])   # (M, K, B)
-        lpx = lpx + model.rec_weights[m] * torch.where(obs[:, n], lp, _zero(lp))
-    reg = prior - lqz - lqw                                                         # (M, K, B)
-    lw = lpx + beta * reg
-    per = lw.mean(1) if self.estimator == "elbo" else torch.logsumexp(lw, 1) - math.log(K)   # (M, B)
-    def rows(t): return torch.where(obs.T, t, _zero(t)).sum(0) / n_obs             # average over the observed strata
-    loss = -rows(per).mean()
-    if dreg:
-        with torch.no_grad(): wts = torch.softmax(lw, 1)                            # (M, K, B)
-        for s in (z, w):
-            if s.requires_grad: s.register_hook(lambda g: g * wts[..., None])
-        surrogate = rows((wts * lw).sum(1)).mean()
-        loss = loss.detach() - (surrogate - surrogate.detach())                     # the bound's value, DReG's gradient
-    logs = {"loss": loss.detach(), "rec": rows(lpx.mean(1)).mean().detach(), "kl": rows(-reg.mean(1)).mean().detach(),
-            "log_prior_z": rows(lpz.mean(1)).mean().detach(), "clusters_active": self.cluster_active.sum().float(),
-            "aux_scale_min": aux_s.min().detach(), "aux_scale_max": aux_s.max().detach()}
-    return loss, logs
 
-CMVAE.model_loss = _model_loss
+@patch
+def extra_logs(self: CMVAE, rows, lpz: Tensor) -> dict:
+    "The batch mean of log p(z) over the strata, and the number of active clusters."
+    return {"log_prior_z": rows(lpz.mean(1)).mean().detach(), "clusters_active": self.cluster_active.sum().float()}
 
 # %% ../nbs/02f_cmvae.ipynb #c020
 @torch.no_grad()

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from .objectives import Objective, register_objective
@@ -90,7 +91,8 @@ class MMVAEPlus(Objective):
                                   "it needs the model's pieces – use model_loss(model, x, observed, beta)")
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c011
-def _setup(self: MMVAEPlus, model) -> MMVAEPlus:
+@patch
+def setup(self: MMVAEPlus, model) -> MMVAEPlus:
     "Make the auxiliary priors' raw scales (M, private_dim), zeros (scale 1), for `model`; call before the optimizer."
     M, Dp = len(model.modalities), int(model.private_dim)
     if Dp < 1:
@@ -112,20 +114,20 @@ def _check_bound(self: MMVAEPlus, model):
                          f"{self.aux_raw.shape[1]}, the model has {list(model.modalities)} and {model.private_dim}")
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c011_2
-def _aux_scale(self: MMVAEPlus) -> Tensor:
+@patch
+def aux_scale(self: MMVAEPlus) -> Tensor:
     "The auxiliary priors' scales (M, private_dim)."
     return latent_scale(self.aux_raw, self.family)
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c011_3
-def _private_prior_sample(self: MMVAEPlus, model, modality: str, lead_shape, like: Tensor) -> Tensor:
+@patch
+def private_prior_sample(self: MMVAEPlus, model, modality: str, lead_shape, like: Tensor) -> Tensor:
     "w ~ r_n(w) for the target `modality`: (*lead_shape, private_dim) with `like`'s dtype and device."
     _check_bound(self, model)
     if modality not in model.modalities:
         raise ValueError(f"unknown modality {modality!r}; this model has {model.modalities}")
     scale = self.aux_scale()[model.modalities.index(modality)].to(device=like.device, dtype=like.dtype)
     return standard_noise((*lead_shape, scale.shape[-1]), self.family, like) * scale
-
-MMVAEPlus.setup, MMVAEPlus.aux_scale, MMVAEPlus.private_prior_sample = _setup, _aux_scale, _private_prior_sample
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c015
 def _noise(noise: dict, key: str, shape, family, like):
@@ -172,9 +174,25 @@ def _encode_observed(model, x: dict, observed, D: int, Dp: int):
     return data, obs, mu, raw
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c018
-def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None, beta=1.0, noise: dict | None = None):
+@patch
+def log_prior_z(self: MMVAEPlus, z: Tensor) -> Tensor:
+    "log p(z) of shared latents (..., D): the fixed prior of the family (a successor with a learned prior overrides it)."
+    return log_density(z, _zero(z), torch.ones((), dtype=z.dtype, device=z.device), self.family)
+
+@patch
+def check_model(self: MMVAEPlus, model):
+    "Whatever else the bound needs of `model` before a step (nothing here; CMVAE checks its cluster prior)."
+
+@patch
+def extra_logs(self: MMVAEPlus, rows, lpz: Tensor) -> dict:
+    "Further detached logs of a step, given the per-row stratum mean `rows` and log p(z) (M, K, B): none here."
+    return {}
+
+@patch
+def model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None, beta=1.0, noise: dict | None = None):
     "The negative stratified ELBO/IWAE bound, batch mean (DReG: that value, DReG's gradient), and detached logs."
     _check_bound(self, model)
+    self.check_model(model)
     names, D, Dp, K, fam = list(model.modalities), model.latent_dim, model.private_dim, self.K, self.family
     data, obs, mu, raw = _encode_observed(model, x, observed, D, Dp)
     M, B = mu.shape[:2]
@@ -192,8 +210,8 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
     n_obs = obs.sum(1).to(mu.dtype)                                                 # (B,)
     lqz = torch.logsumexp(lq, 2) - torch.log(n_obs)                                 # the observed posteriors' mixture
     lqw = log_density(w, qwm[:, None], qws[:, None], fam)
-    one = torch.ones((), dtype=mu.dtype, device=mu.device)
-    prior = log_density(z, _zero(mu), one, fam) + log_density(w, _zero(mu), one, fam)
+    lpz = self.log_prior_z(z)                                                       # (M, K, B)
+    prior = lpz + log_density(w, _zero(mu), torch.ones((), dtype=mu.dtype, device=mu.device), fam)
     own = torch.eye(M, dtype=torch.bool, device=mu.device).view(M, M, 1, 1, 1)
     lpx = torch.zeros_like(prior)
     for n, m in enumerate(names):
@@ -215,10 +233,8 @@ def _model_loss(self: MMVAEPlus, model, x: dict, observed: Tensor | None = None,
         surrogate = rows((wts * lw).sum(1)).mean()
         loss = loss.detach() - (surrogate - surrogate.detach())                     # the bound's value, DReG's gradient
     logs = {"loss": loss.detach(), "rec": rows(lpx.mean(1)).mean().detach(), "kl": rows(-reg.mean(1)).mean().detach(),
-            "aux_scale_min": aux_s.min().detach(), "aux_scale_max": aux_s.max().detach()}
+            **self.extra_logs(rows, lpz), "aux_scale_min": aux_s.min().detach(), "aux_scale_max": aux_s.max().detach()}
     return loss, logs
-
-MMVAEPlus.model_loss = _model_loss
 
 # %% ../nbs/02b_mmvaeplus.ipynb #c024
 # Palumbo, Daunhawer & Vogt, ICLR 2023; srl-ethz/mmvaeplus@29276ea, run_polyMNIST_experiment.sh
