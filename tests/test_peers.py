@@ -49,5 +49,13 @@ def test_smoke_runs_every_stage(tmp_path):
             summ = s[lib]["summary"]
             assert summ["coherence_1"] is not None and summ["latent_1"] is not None and summ["loglik_X"] is not None
     assert {r["metric"] for r in q["table"]} >= {"coherence_1", "coherence_2", "latent_3", "loglik_X"}
-    assert all("lead" in r["verdict"] for r in q["table"])
-    assert md.read_text().startswith("# mopoe beside MultiVae")
+    assert all("lead" in r["verdict"] and "holm_p" in r for r in q["table"])
+    text_md = md.read_text()
+    assert text_md.startswith("# mopoe beside MultiVae")
+    # --render reproduces the tables from the JSON alone
+    again = tmp_path / "again.md"
+    p = subprocess.run([sys.executable, SCRIPT, "--render", str(out), "--md", str(again)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    drop_command = lambda s: [ln for ln in s.splitlines() if not ln.startswith("`python ")]
+    assert drop_command(again.read_text()) == drop_command(text_md)

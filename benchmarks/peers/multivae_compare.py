@@ -97,6 +97,9 @@ def parse_args(argv=None):
                    help="time even if the equal-loss check fails (reported as failed)")
     p.add_argument("--json", default=None, help="write the results here (rewritten after every stage)")
     p.add_argument("--md", default=None, help="write the printed tables here as markdown (rewritten after every stage)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="print (with --md: write) the tables of a results JSON this script wrote; nothing is run "
+                        "(with --json: also write the JSON with its derived tables recomputed)")
     a = p.parse_args(argv)
     if a.smoke:
         for k, v in SMOKE.items():
@@ -238,17 +241,7 @@ def fmt(v, d=4):
 # 1. the equal-loss check
 
 def stage_check(args, rep: Report) -> bool:
-    rep.say("## 1. Equal loss on the same batch, given the same draws (before anything is timed)")
-    rep.say()
-    rep.say("Per example, float32, one batch of the training set, same initial weights. MoPoE: MultiVae's own "
-            "row-to-subset assignment handed to mopoe's objective (`ids`), mopoe with the exact subset-average KL "
-            "(MultiVae's); MVAE: the same seed; MMVAE+: MultiVae's own Laplace noise handed to mopoe (`noise`). "
-            "Masked rows: the same masks in both (each modality missing with probability "
-            f"{args.missing_rate}, at least "
-            "one kept). Gradient gap: max |g_mopoe − g_MultiVae| over all network parameters / max |g_mopoe|. "
-            "'mopoe, own draw': mopoe's loss with its own stratified assignment (an unforced step).")
-    rep.say()
-    rows, out, ok_all = [], [], True
+    out = []
     for M in args.check_modalities:
         train, _, info = load_data(args, M, min(args.num_train, 1024), min(args.num_test, 64))
         for pair in [p for p in args.pairs if p != "mmvae"]:
@@ -259,24 +252,46 @@ def stage_check(args, rep: Report) -> bool:
                 t = time.perf_counter()
                 r = P.check_pair(pair, model, mv, x, obs, cfg.beta, seed=11)
                 r.update(seconds=time.perf_counter() - t, ok=P.tolerance_ok(r))
-                ok_all &= r["ok"]
                 out.append(r)
-                rps = r.get("rows_per_subset")
-                blocks = (f"{rps['min']}–{rps['max']} (full set {rps['full_set']}; Eq. 6: {rps['eq6_expected']:.2f})"
-                          if rps and not masked else ("random among available" if rps else "–"))
-                rows.append([M, pair, "masked" if masked else "complete", f"{r['mopoe']:.3f}", f"{r['multivae']:.3f}",
-                             f"{r['abs_diff']:.2g}", f"{r['rel_diff']:.1e}", f"{r['grad_rel_gap']:.1e}", blocks,
-                             f"{r['mopoe_own_draw']:.3f}", "equal" if r["ok"] else "**DIFFERENT**"])
+                print(f"   [check M={M} {pair} {'masked' if masked else 'complete'}: rel. diff {r['rel_diff']:.1e}]",
+                      flush=True)
                 del model, mv; gc.collect()
+    ok_all = all(r["ok"] for r in out)
+    rep.res["check"] = {"rows": out, "passed": ok_all, "tolerance": {"rel": 1e-5, "grad": 1e-3}}
+    render_check(rep)
+    return ok_all
+
+
+def render_check(rep: Report):
+    res, st = rep.res["check"], rep.res["settings"]
+    rep.say("## 1. Equal loss on the same batch, given the same draws (before anything is timed)")
+    rep.say()
+    rep.say("Per example, float32, one batch of the training set, same initial weights. MoPoE: MultiVae's own "
+            "row-to-subset assignment handed to mopoe's objective (`ids`), mopoe with the exact subset-average KL "
+            "(MultiVae's); MVAE: the same seed; MMVAE+: MultiVae's own Laplace noise handed to mopoe (`noise`). "
+            "Masked rows: the same masks in both (each modality missing with probability "
+            f"{st['missing_rate']}, at least one kept). Gradient gap: max |g_mopoe − g_MultiVae| over all network "
+            "parameters / max |g_mopoe|. 'mopoe, own draw': mopoe's loss with its own stratified assignment (an "
+            "unforced step).")
+    rep.say()
+    rows = []
+    for r in res["rows"]:
+        rps, masked = r.get("rows_per_subset"), r["masked"]
+        blocks = (f"{rps['min']}–{rps['max']} (full set {rps['full_set']}; Eq. 6: {rps['eq6_expected']:.2f})"
+                  if rps and not masked else ("random among available" if rps else "–"))
+        rows.append([r["M"], r["pair"], "masked" if masked else "complete", f"{r['mopoe']:.3f}", f"{r['multivae']:.3f}",
+                     f"{r['abs_diff']:.2g}", f"{r['rel_diff']:.1e}", f"{r['grad_rel_gap']:.1e}", blocks,
+                     f"{r['mopoe_own_draw']:.3f}", "equal" if r["ok"] else "**DIFFERENT**"])
     rep.table(["M", "pair", "data", "mopoe loss", "MultiVae loss", "|Δ|", "rel. Δ", "grad gap",
                "MultiVae rows per subset", "mopoe, own draw", "verdict"], rows)
     rep.say("Not checked: MMVAE – " + P.ESTIMATOR_NOTES["mmvae"])
     rep.say("MVAE with masks – " + P.ESTIMATOR_NOTES["mvae"].split(". ", 1)[1])
     rep.say()
-    rep.say(f"**Check: {'passed' if ok_all else 'FAILED'}** (tolerance: rel. Δ ≤ 1e-5, gradient gap ≤ 1e-3).")
+    tol = res["tolerance"]
+    e = lambda x: f"{x:.0e}".replace("e-0", "e-")
+    rep.say(f"**Check: {'passed' if res['passed'] else 'FAILED'}** (tolerance: rel. Δ ≤ {e(tol['rel'])}, gradient gap "
+            f"≤ {e(tol['grad'])}).")
     rep.say()
-    rep.res["check"] = {"rows": out, "passed": ok_all, "tolerance": {"rel": 1e-5, "grad": 1e-3}}
-    return ok_all
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,19 +347,12 @@ def interleaved(fns: dict, rounds: int, steps: int, round_seconds: float = 0.0) 
     return per, n_steps
 
 
+SPEED_LABEL = {"mopoe": "MoPoE (mopoe exact KL)", "mopoe_auto": "MoPoE (mopoe default kl=auto)", "mvae": "MVAE",
+               "mmvaeplus": "MMVAE+", "mmvae": "MMVAE"}
+
+
 def stage_speed(args, rep: Report):
-    rep.say("## 2. Step time, interleaved in one process")
-    rep.say()
-    rep.say("One training step = zero_grad + loss + backward + Adam step; "
-            f"{args.rounds} rounds of ≥ {args.steps_per_round} step(s) (≈ {args.round_seconds:g} s a contestant, "
-            "from its warm-up step) after one warm-up step each, every contestant of a setting in each round (order "
-            f"rotated and reversed every other round), {args.speed_batches} batches cycled in the same order for all; "
-            "median "
-            "ms/step; ratio = MultiVae / mopoe: of the medians, and the median of the per-round ratios. "
-            "'mopoe (exact KL)' is the loss-checked pair (the work MultiVae does); 'mopoe default' is kl=auto "
-            f"(sampled KL above 31 subsets). Masked: each modality missing with probability {args.missing_rate}.")
-    rep.say()
-    rows, apart, out = [], [], []
+    out = []
     for M in args.speed_modalities:
         train, _, info = load_data(args, M, min(args.num_train, 1024), min(args.num_test, 64))
         for masked in (False, True):
@@ -367,31 +375,44 @@ def stage_speed(args, rep: Report):
             med = {k: statistics.median(v) for k, v in per.items()}
             setting = "masked" if masked else "complete"
             for pair in meta:
-                a = med[(pair, "mopoe")]
-                b = med.get((pair, "multivae"))
-                if pair == "mopoe_auto": b = med.get(("mopoe", "multivae"))
-                rr = None
-                if b is not None:
-                    other = (pair, "multivae") if pair != "mopoe_auto" else ("mopoe", "multivae")
-                    rr = statistics.median(y / x for x, y in zip(per[(pair, "mopoe")], per[other]))
-                row = {"M": M, "setting": setting, "pair": pair, **meta[pair], "mopoe_ms": 1e3 * a,
-                       "multivae_ms": None if b is None else 1e3 * b, "ratio_of_medians": None if b is None else b / a,
-                       "median_of_round_ratios": rr, "rounds_s": {"mopoe": per[(pair, "mopoe")],
-                                                                   "multivae": per.get((pair, "multivae"))},
-                       "steps_per_round": {"mopoe": n_steps[(pair, "mopoe")],
-                                           "multivae": n_steps.get((pair, "multivae"))},
-                       "loadavg_before": load}
-                out.append(row)
-                label = {"mopoe": "MoPoE (mopoe exact KL)", "mopoe_auto": "MoPoE (mopoe default kl=auto)",
-                         "mvae": "MVAE", "mmvaeplus": "MMVAE+", "mmvae": "MMVAE"}[pair]
-                cells = [M, setting, label, f"{1e3 * a:.0f}", "–" if b is None else f"{1e3 * b:.0f}",
-                         "–" if b is None else f"{b / a:.2f}×", "–" if rr is None else f"{rr:.2f}×"]
-                (apart if pair == "mmvae" else rows).append(cells)
+                other = ("mopoe", "multivae") if pair == "mopoe_auto" else (pair, "multivae")
+                a, b = med[(pair, "mopoe")], med.get(other)
+                rr = None if b is None else statistics.median(y / x for x, y in zip(per[(pair, "mopoe")], per[other]))
+                out.append({"M": M, "setting": setting, "pair": pair, **meta[pair], "mopoe_ms": 1e3 * a,
+                            "multivae_ms": None if b is None else 1e3 * b,
+                            "ratio_of_medians": None if b is None else b / a, "median_of_round_ratios": rr,
+                            "rounds_s": {"mopoe": per[(pair, "mopoe")], "multivae": per.get((pair, "multivae"))},
+                            "steps_per_round": {"mopoe": n_steps[(pair, "mopoe")],
+                                                "multivae": n_steps.get((pair, "multivae"))},
+                            "loadavg_before": load})
             rep.res.setdefault("speed_wall_s", {})[f"{M}_{setting}"] = wall
             print(f"   [M={M} {setting}: {wall:.0f} s]", flush=True)
             del fns; gc.collect()
         rep.res["speed"] = out
         rep.save()
+    rep.res["speed"] = out
+    render_speed(rep)
+
+
+def render_speed(rep: Report):
+    st = rep.res["settings"]
+    rep.say("## 2. Step time, interleaved in one process")
+    rep.say()
+    rep.say("One training step = zero_grad + loss + backward + Adam step; "
+            f"{st['rounds']} rounds of ≥ {st['steps_per_round']} step(s) (≈ {st.get('round_seconds', 0):g} s a "
+            "contestant, from its warm-up step) after one warm-up step each, every contestant of a setting in each "
+            f"round (order rotated and reversed every other round), {st['speed_batches']} batches cycled in the same "
+            "order for all; median ms/step; ratio = MultiVae / mopoe: of the medians, and the median of the per-round "
+            "ratios. 'mopoe exact KL' is the loss-checked pair (the work MultiVae does); 'mopoe default' is kl=auto "
+            f"(sampled KL above 31 subsets). Masked: each modality missing with probability {st['missing_rate']}.")
+    rep.say()
+    rows, apart = [], []
+    for r in rep.res["speed"]:
+        b = r["multivae_ms"]
+        cells = [r["M"], r["setting"], SPEED_LABEL[r["pair"]], f"{r['mopoe_ms']:.0f}", "–" if b is None else f"{b:.0f}",
+                 "–" if b is None else f"{r['ratio_of_medians']:.2f}×",
+                 "–" if r["median_of_round_ratios"] is None else f"{r['median_of_round_ratios']:.2f}×"]
+        (apart if r["pair"] == "mmvae" else rows).append(cells)
     hdr = ["M", "data", "objective", "mopoe ms/step", "MultiVae ms/step", "MultiVae / mopoe (medians)",
            "MultiVae / mopoe (median of rounds)"]
     rep.table(hdr, rows)
@@ -400,7 +421,6 @@ def stage_speed(args, rep: Report):
         rep.say(f"Different work, not a speed ratio ({why}):")
         rep.say()
         rep.table(hdr, apart)
-    rep.res["speed"] = out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -476,24 +496,61 @@ def welch(a: list, b: list):
 
 
 def ms(v: list) -> str:
+    "mean ± s.d. (the mean alone for one value): 3 decimals below 2 in size, 1 below 100, none above."
     if not v: return "–"
     m = statistics.fmean(v)
-    if len(v) == 1: return fmt(m)
-    return f"{fmt(m)} ± {statistics.stdev(v):.2g}"
+    big = max(abs(x) for x in v)
+    f = (lambda x: f"{x:.3f}") if big < 2 else (lambda x: f"{x:.1f}") if big < 100 else (lambda x: f"{x:,.0f}")
+    return f(m) if len(v) == 1 else f"{f(m)} ± {f(statistics.stdev(v))}"
+
+
+def holm(pvalues: list) -> list:
+    "Holm's step-down adjustment of p-values (None stays None)."
+    idx = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
+    out, run, m = [None] * len(pvalues), 0.0, len(idx)
+    for rank, i in enumerate(idx):
+        run = max(run, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = run
+    return out
+
+
+QUALITY_LABELS = dict(joint_coherence="joint coherence", loglik_X="log p(X) (nats; proposal q(z|X))",
+                      loglik_one_input="log p(X), proposal from one input (mean)",
+                      fid_prior_mean="prior FID (mean over modalities)")
+
+
+def quality_table(q: dict) -> list:
+    "Per metric: both libraries' values over the seeds, the paired differences, Welch's p, Holm's p, the verdict."
+    per_seed = q["per_seed"]
+    rows = []
+    for k in per_seed[0]["mopoe"]["summary"]:
+        a = [s["mopoe"]["summary"][k] for s in per_seed if s["mopoe"]["summary"][k] is not None]
+        b = [s["multivae"]["summary"][k] for s in per_seed if s["multivae"]["summary"][k] is not None]
+        if not a or not b: continue
+        rows.append({"metric": k, "mopoe": a, "multivae": b, "diff": [y - x for x, y in zip(a, b)], "welch_p": welch(a, b)})
+    for r, ph in zip(rows, holm([r["welch_p"] for r in rows])):
+        r["holm_p"] = ph
+        if min(len(r["mopoe"]), len(r["multivae"])) < 2: r["verdict"] = "no test (1 seed): no lead"
+        elif ph is not None and ph < 0.05:
+            r["verdict"] = f"lead: {'MultiVae' if statistics.fmean(r['diff']) > 0 else 'mopoe'}"
+        elif r["welch_p"] is not None and r["welch_p"] < 0.05: r["verdict"] = "no lead (p < 0.05 only before Holm)"
+        else: r["verdict"] = "no lead"
+    return rows
 
 
 def stage_quality(args, rep: Report):
     from mopoe.evaluate import train_classifiers
     from mopoe.metric import evaluate
     M = args.quality_modalities
-    rep.say(f"## 3. Quality after {args.steps} steps (MoPoE, M = {M})")
-    rep.say()
     train, test, info = load_data(args, M, args.num_train, args.num_test)
     clf = train_classifiers(train, info, epochs=args.classifier_epochs,
                             cache_dir=os.path.join(args.data_dir, "classifiers"),
                             seed=0, test_ds=test, progress=False, max_train=None if not args.smoke else args.num_train)
     metrics = "latent,coherence,loglik" + (",fid" if args.fid else "")
-    per_seed, hists = [], []
+    per_seed = []
+    q = {"M": M, "steps": args.steps, "seeds": args.seeds, "batch_size": resolve(args, "mopoe", M).batch_size,
+         "per_seed": per_seed, "classifier_scores": clf.scores, "metrics": metrics,
+         "missing_rate": args.quality_missing_rate}
     for seed in args.seeds:
         t0, c0 = time.perf_counter(), cpu_seconds()
         cfg, model, mv, hist, speed = train_pair(args, M, seed, train, info, rep)
@@ -506,60 +563,92 @@ def stage_quality(args, rep: Report):
         per_seed.append({"seed": seed, "train_seconds": t_train, "cpu_seconds": cpu_seconds() - c0,
                          "wall_seconds": time.perf_counter() - t0, "step_ms_in_training": speed, **scored,
                          "training_loss_by_epoch": hist})
-        hists.append(hist)
-        rep.res["quality"] = {"M": M, "steps": args.steps, "seeds": args.seeds, "per_seed": per_seed}
+        rep.res["quality"] = q
         rep.save()
         del model, mv; gc.collect()
-    keys = list(per_seed[0]["mopoe"]["summary"])
-    label = {f"coherence_{k}": f"coherence, {k} input{'s' if k > 1 else ''}" for k in range(1, M)}
-    label.update({f"latent_{k}": f"latent classification, {k} input{'s' if k > 1 else ''}" for k in range(1, M + 1)})
-    label.update(joint_coherence="joint coherence", loglik_X="log p(X) (nats; proposal q(z|X))",
-                 loglik_one_input="log p(X), proposal from one input (mean)",
-                 fid_prior_mean="prior FID (mean over modalities)")
-    rows, table = [], []
-    for k in keys:
-        a = [s["mopoe"]["summary"][k] for s in per_seed if s["mopoe"]["summary"][k] is not None]
-        b = [s["multivae"]["summary"][k] for s in per_seed if s["multivae"]["summary"][k] is not None]
-        if not a or not b: continue
-        d = [y - x for x, y in zip(a, b)]
-        p = welch(a, b)
-        n = min(len(a), len(b))
-        if n < 2: verdict = "no test (1 seed): no lead"
-        elif p is not None and p < 0.05:
-            verdict = f"lead: {'MultiVae' if statistics.fmean(d) > 0 else 'mopoe'} (p < 0.05)"
-        else: verdict = "no lead"
-        rows.append({"metric": k, "mopoe": a, "multivae": b, "diff": d, "welch_p": p, "verdict": verdict})
-        table.append([label.get(k, k), ms(a), ms(b), ms(d), "–" if p is None else f"{p:.2g}", verdict])
-    rep.say(f"{len(args.seeds)} seed(s) {args.seeds}; each seed: both models from the same initial weights (mopoe's "
-            f"`build_model` at that seed), the same {args.steps} batches of "
-            f"{resolve(args, 'mopoe', M).batch_size} in the "
-            f"same order, Adam; scored by `mopoe.metric.evaluate` with the same classifiers (test accuracy "
-            f"{', '.join(f'{m} {v:.2f}' for m, v in (clf.scores or {}).items())}), the same evaluation seed; coherence "
-            "= targets outside the inputs. Δ = MultiVae − mopoe (per seed, paired), Welch's t-test on the two samples; "
-            "a lead needs ≥ 2 seeds a side and p < 0.05.")
+    q["table"] = quality_table(q)
+    render_quality(rep)
+
+
+def render_quality(rep: Report):
+    q = rep.res["quality"]
+    M, per_seed = q["M"], q["per_seed"]
+    rows = quality_table(q)
+    q["table"] = rows
+    B = q.get("batch_size") or next((r["batch"] for r in rep.res.get("speed", []) if r["M"] == M), "?")
+    missing = f", missing rate {q['missing_rate']}" if q.get("missing_rate") else ", complete data"
+    rep.say(f"## 3. Quality after {q['steps']} steps (MoPoE, M = {M}"
+            f"{missing})")
     rep.say()
-    rep.table(["metric", "mopoe", "MultiVae", "Δ (MultiVae − mopoe)", "Welch p", "verdict"], table)
-    last_a = [h["mopoe"][-1] for h in hists]
-    last_b = [h["multivae"][-1] for h in hists]
+    scores = ", ".join(f"{m} {v:.2f}" for m, v in (q.get("classifier_scores") or {}).items())
+    rep.say(f"{len(per_seed)} seed(s) {[s['seed'] for s in per_seed]}; each seed: both models from the same initial "
+            f"weights (mopoe's `build_model` at that seed), the same {q['steps']} batches of {B} in the same order, "
+            f"Adam; scored by `mopoe.metric.evaluate` with the same classifiers (test accuracy {scores}), the same "
+            "evaluation seed; coherence = targets outside the inputs. Δ = MultiVae − mopoe (per seed, paired), "
+            "mean ± s.d. over seeds; Welch's t-test on the two samples, and Holm's adjustment over the "
+            f"{sum(r['welch_p'] is not None for r in rows)} tests of the table; a lead needs ≥ 2 seeds a side and "
+            "Holm-adjusted p < 0.05.")
+    rep.say()
+    lab = {f"coherence_{k}": f"coherence, {k} input{'s' if k > 1 else ''}" for k in range(1, M)}
+    lab.update({f"latent_{k}": f"latent classification, {k} input{'s' if k > 1 else ''}" for k in range(1, M + 1)})
+    lab.update(QUALITY_LABELS)
+    p2 = lambda p: "–" if p is None else f"{p:.2g}"
+    rep.table(["metric", "mopoe", "MultiVae", "Δ (MultiVae − mopoe)", "Welch p", "Holm p", "verdict"],
+              [[lab.get(r["metric"], r["metric"]), ms(r["mopoe"]), ms(r["multivae"]), ms(r["diff"]), p2(r["welch_p"]),
+                p2(r["holm_p"]), r["verdict"]] for r in rows])
+    hists = [s["training_loss_by_epoch"] for s in per_seed]
     gaps = [[y - x for x, y in zip(h["mopoe"], h["multivae"])] for h in hists]
     rep.say("Reported training loss of the last epoch (nats a tuple, each library's own estimator): "
-            f"mopoe {ms(last_a)}, "
-            f"MultiVae {ms(last_b)}; MultiVae − mopoe by epoch, over seeds: "
-            f"{min(min(g) for g in gaps):.1f} to {max(max(g) for g in gaps):.1f}.")
+            f"mopoe {ms([h['mopoe'][-1] for h in hists])}, MultiVae {ms([h['multivae'][-1] for h in hists])}; "
+            f"MultiVae − mopoe by epoch, over seeds: {min(min(g) for g in gaps):.1f} to {max(max(g) for g in gaps):.1f}.")
     tr = [s["step_ms_in_training"] for s in per_seed]
     rep.say("Step time inside the training loop (interleaved step by step): "
-            f"mopoe {ms([t['mopoe_ms'] for t in tr])} ms, "
-            f"MultiVae {ms([t['multivae_ms'] for t in tr])} ms.")
+            f"mopoe {ms([t['mopoe_ms'] for t in tr])} ms, MultiVae {ms([t['multivae_ms'] for t in tr])} ms.")
     rep.say()
-    rep.res["quality"] = {"M": M, "steps": args.steps, "seeds": args.seeds, "per_seed": per_seed, "table": rows,
-                          "classifier_scores": clf.scores, "metrics": metrics,
-                          "missing_rate": args.quality_missing_rate}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def render_header(rep: Report, rendered: bool = False):
+    res = rep.res
+    v, mch, st = res["versions"], res["machine"], res["settings"]
+    rep.say(f"# mopoe beside MultiVae on identical networks{' (smoke run)' if st.get('smoke') else ''}")
+    rep.say()
+    rep.say(f"`{res['command']}`" + (" (tables rendered from its JSON by `--render`)" if rendered else ""))
+    rep.say()
+    rep.say(f"mopoe {v['mopoe']} ({v.get('mopoe_commit')}), MultiVae {v['multivae']} (pythae {v.get('pythae')}), torch "
+            f"{v['torch']}; {mch['cpu']}, {mch['logical_cpus']} logical CPUs, {st['threads']} thread(s) "
+            f"(OMP_NUM_THREADS={mch['OMP_NUM_THREADS']}), no GPU; load average at the start "
+            f"{', '.join(f'{x:.1f}' for x in mch['loadavg_start'])}. Dataset {st['dataset']} ({st['source']}).")
+    rep.say()
+
+
+def render_footer(rep: Report):
+    res = rep.res
+    cpu = res["cpu_seconds"]
+    rep.say(f"CPU time of this process: {cpu['total'] / 60:.1f} min "
+            f"({', '.join(f'{k} {v / 60:.1f}' for k, v in cpu.items() if k != 'total')}); wall "
+            f"{res['wall_seconds'] / 60:.1f} min; load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in res['machine']['loadavg_end'])}.")
+
+
+def render(path: str, md: str | None, out_json: str | None = None) -> int:
+    "Print (with `md`: write) the markdown of a results JSON this script wrote; with `out_json` also its derived tables."
+    with open(path) as f: res = json.load(f)
+    rep = Report(argparse.Namespace(json=out_json, md=md))
+    rep.res = res
+    render_header(rep, rendered=True)
+    if "check" in res: render_check(rep)
+    if res.get("speed"): render_speed(rep)
+    if res.get("quality", {}).get("per_seed"): render_quality(rep)
+    if "total" in res.get("cpu_seconds", {}): render_footer(rep)
+    rep.save()
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render: return render(args.render, args.md, args.json)
     P.require_multivae()
     import torch
     torch.set_num_threads(args.threads)
@@ -567,19 +656,9 @@ def main(argv=None) -> int:
     rep = Report(args)
     cmd = "python benchmarks/peers/multivae_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rep.res.update(command=cmd, versions=versions(), machine=machine_info(args.threads),
-                   settings={k: v for k, v in vars(args).items() if k not in ("json", "md")},
+                   settings={k: v for k, v in vars(args).items() if k not in ("json", "md", "render")},
                    estimator_notes=P.ESTIMATOR_NOTES)
-    v = rep.res["versions"]
-    rep.say(f"# mopoe beside MultiVae on identical networks{' (smoke run)' if args.smoke else ''}")
-    rep.say()
-    rep.say(f"`{cmd}`")
-    rep.say()
-    mch = rep.res["machine"]
-    rep.say(f"mopoe {v['mopoe']} ({v.get('mopoe_commit')}), MultiVae {v['multivae']} (pythae {v.get('pythae')}), torch "
-            f"{v['torch']}; {mch['cpu']}, {mch['logical_cpus']} logical CPUs, {args.threads} thread(s) "
-            f"(OMP_NUM_THREADS={mch['OMP_NUM_THREADS']}), no GPU; load average at the start "
-            f"{', '.join(f'{x:.1f}' for x in mch['loadavg_start'])}. Dataset {args.dataset} ({args.source}).")
-    rep.say()
+    render_header(rep)
     ok = stage_check(args, rep)
     rep.res["cpu_seconds"] = {"check": cpu_seconds() - c0}
     rep.save()
@@ -600,10 +679,7 @@ def main(argv=None) -> int:
     rep.res["cpu_seconds"]["total"] = cpu_seconds() - c0
     rep.res["wall_seconds"] = time.perf_counter() - t0
     rep.res["machine"]["loadavg_end"] = list(os.getloadavg())
-    rep.say(f"CPU time of this process: {rep.res['cpu_seconds']['total'] / 60:.1f} min "
-            f"({', '.join(f'{k} {v / 60:.1f}' for k, v in rep.res['cpu_seconds'].items() if k != 'total')}); wall "
-            f"{rep.res['wall_seconds'] / 60:.1f} min; load average at the end "
-            f"{', '.join(f'{x:.1f}' for x in rep.res['machine']['loadavg_end'])}.")
+    render_footer(rep)
     rep.save()
     return 0
 
