@@ -623,6 +623,36 @@ def render_header(rep: Report, rendered: bool = False):
     rep.say()
 
 
+def render_summary(rep: Report):
+    "Speed ratio and quality difference side by side, for the quality stage's M."
+    q, speed = rep.res.get("quality") or {}, rep.res.get("speed") or []
+    if not q.get("per_seed"): return
+    M = q["M"]
+    rows = {r["metric"]: r for r in q.get("table") or quality_table(q)}
+    sp = {(r["setting"], r["pair"]): r for r in speed if r["M"] == M}
+    rep.say(f"## Side by side (MoPoE, M = {M})")
+    rep.say()
+    cells = []
+    for setting in ("complete", "masked"):
+        r = sp.get((setting, "mopoe"))
+        if r: cells.append(f"{setting} {r['ratio_of_medians']:.2f}× / {r['median_of_round_ratios']:.2f}×")
+    if cells: rep.say(f"- Step time, MultiVae / mopoe (same loss; medians / median of rounds): {'; '.join(cells)}.")
+    coh = [rows[f"coherence_{k}"] for k in range(1, M) if f"coherence_{k}" in rows]
+    lat = [rows[f"latent_{k}"] for k in range(1, M + 1) if f"latent_{k}" in rows]
+    d = lambda r: f"{statistics.fmean(r['diff']):+.3f}"
+    lead = lambda rs: "no lead" if all(x["verdict"].startswith("no") for x in rs) else "; ".join(
+        f"{x['metric']}: {x['verdict']}" for x in rs if not x["verdict"].startswith("no"))
+    n = len(q["per_seed"])
+    if coh: rep.say(f"- Coherence by 1–{M - 1} inputs, MultiVae − mopoe ({n} seeds, {q['steps']} steps): "
+                    f"{' / '.join(d(r) for r in coh)} – {lead(coh)}.")
+    if lat: rep.say(f"- Latent classification by 1–{M} inputs, MultiVae − mopoe: {' / '.join(d(r) for r in lat)} – "
+                    f"{lead(lat)}.")
+    if "loglik_X" in rows:
+        r = rows["loglik_X"]
+        rep.say(f"- log p(X), MultiVae − mopoe: {statistics.fmean(r['diff']):+.1f} nats – {lead([r])}.")
+    rep.say()
+
+
 def render_footer(rep: Report):
     res = rep.res
     cpu = res["cpu_seconds"]
@@ -641,6 +671,7 @@ def render(path: str, md: str | None, out_json: str | None = None) -> int:
     if "check" in res: render_check(rep)
     if res.get("speed"): render_speed(rep)
     if res.get("quality", {}).get("per_seed"): render_quality(rep)
+    render_summary(rep)
     if "total" in res.get("cpu_seconds", {}): render_footer(rep)
     rep.save()
     return 0
@@ -679,6 +710,7 @@ def main(argv=None) -> int:
     rep.res["cpu_seconds"]["total"] = cpu_seconds() - c0
     rep.res["wall_seconds"] = time.perf_counter() - t0
     rep.res["machine"]["loadavg_end"] = list(os.getloadavg())
+    render_summary(rep)
     render_footer(rep)
     rep.save()
     return 0
