@@ -13,7 +13,7 @@ The pairs (MultiVae 1.0.x names):
 |---|---|---|---|
 | mopoe | `mopoe` (kl exact: `subset_average`) | `MoPoE` | yes, given the same row-to-subset assignment |
 | mopoe_auto | `mopoe` (kl `auto`: sampled above 31 subsets) | `MoPoE` | M <= 5 only (exact there); mopoe's default |
-| mvae | `mvae` (faithful: prior in each product, unimodal ELBOs) | `MVAE` (k=0, no warm-up) | complete data |
+| mvae | `mvae` (faithful: prior in each product, unimodal ELBOs) | `MVAE` (k=0, no warm-up) | complete, uniform weights |
 | mmvaeplus | `mmvaeplus` (K=1, elbo, Laplace) | `MMVAEPlus` (K=1, iwae_looser, Laplace) | yes, same noise |
 | mmvae | `mmvae` (Eq. 9-10) | `MMVAE` | no: another estimator (see `ESTIMATOR_NOTES`) |
 
