@@ -13,6 +13,7 @@ dev_requirements = cfg.get("dev_requirements", "").split()
 fid_requirements = cfg.get("fid_requirements", "").split()
 hub_requirements = cfg.get("hub_requirements", "").split()
 logger_requirements = cfg.get("logger_requirements", "").split()
+peers_requirements = cfg.get("peers_requirements", "").split()
 licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
 lic = licenses[cfg["license"]]
 
@@ -38,7 +39,9 @@ setuptools.setup(
     include_package_data=True,
     install_requires=requirements,
     extras_require={"fid": fid_requirements, "hub": hub_requirements, "loggers": logger_requirements,
-                    "dev": dev_requirements + fid_requirements + hub_requirements + logger_requirements},
+                    "peers": peers_requirements,
+                    "dev": dev_requirements + fid_requirements + hub_requirements + logger_requirements
+                    + peers_requirements},
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
