@@ -23,6 +23,7 @@ from .config import OPTIONS, RUN_KEY_EXCLUDE, TrainConfig, config_key, resolve_c
 from .evaluate import train_classifiers
 from .incomplete import complete_view, distinct_tuples, observed_of
 from .io import atomic_write
+from .released import load_released_classifiers
 from .metric import METRICS, evaluate
 from .model import MultimodalVAE
 from .trainer import fit_run
@@ -47,7 +48,10 @@ def _evaluate_and_write(cfg, model, history, data, device, progress, written_by,
     bars = progress and sys.stderr.isatty()
     metric_list = evaluation_metrics(cfg)
     classifiers = None
-    if _needs_classifiers(metric_list):
+    if _needs_classifiers(metric_list) and getattr(cfg, "classifiers_from", ""):        # the authors' released files
+        classifiers = load_released_classifiers(cfg.classifiers_from, info, device=device, test_ds=test_ds)
+        if progress: print(classifiers, flush=True)
+    elif _needs_classifiers(metric_list):
         classifiers = train_classifiers(train_ds, info, epochs=cfg.classifier_epochs, cache_dir=str(Path(cfg.data_dir) / "classifiers"),
                                         seed=cfg.seed, test_ds=test_ds, device=device, progress=bars)
         if progress: print(classifiers, flush=True)
@@ -65,6 +69,7 @@ def _evaluate_and_write(cfg, model, history, data, device, progress, written_by,
                "history": [{k: v for k, v in h.items() if k != "step_losses"} for h in history],
                "metrics": metrics, "seconds_total": time.time() - t_start, "checkpoint": CHECKPOINT, "written_by": written_by,
                "evaluated_epoch": evaluated_epoch if evaluated_epoch is not None else (history[-1]["epoch"] if history else None)}
+    if getattr(classifiers, "source", None): results["classifiers_source"] = classifiers.source   # released classifiers: whose
     path = atomic_write(Path(cfg.out_dir) / results_file, json.dumps(results, indent=1))
     if progress: print(f"wrote {path}{' (' + label.split(':')[0] + ')' if label else ''}", flush=True)
     return {"classifiers": classifiers, "metrics": metrics, "results": results}
