@@ -176,7 +176,7 @@ def _encode_observed(model, x: dict, observed, D: int, Dp: int):
 # %% ../nbs/02b_mmvaeplus.ipynb #c018
 @patch
 def log_prior_z(self: MMVAEPlus, z: Tensor) -> Tensor:
-    "log p(z) of shared latents (..., D): the fixed prior of the family (a successor with a learned prior overrides it)."
+    "log p(z) of shared latents (..., D): the family's fixed prior (a successor with a learned prior overrides it)."
     return log_density(z, _zero(z), torch.ones((), dtype=z.dtype, device=z.device), self.family)
 
 @patch
