@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import traceback
-import warnings
 
 import torch.distributed as dist
 
@@ -57,9 +56,7 @@ def _load_plugins_first(argv):
 def _cli(prog, body) -> int:
     "Run `body`; an error is one line on stderr: exit 2 for a refused option (as argparse), 1 otherwise, 130 on Ctrl-C."
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", DeprecationWarning)
-            body()
+        body()
         return 0
     except SystemExit as e: return e.code if isinstance(e.code, int) else 2   # argparse's own exit (--help, usage)
     except KeyboardInterrupt:
