@@ -4,8 +4,10 @@
 
 # %% ../nbs/06_nets.ipynb #c002
 from __future__ import annotations
+
 import math
 from dataclasses import asdict, dataclass, field
+
 import torch
 from torch import nn
 
@@ -90,7 +92,8 @@ LEAKY_SLOPE = 0.2
 
 
 def he_init(module: nn.Module, slope: float = LEAKY_SLOPE) -> nn.Module:
-    "He-normal (fan-in, leaky-ReLU gain for `slope`) weights and zero biases for every conv and linear layer of `module`; in place."
+    """He-normal (fan-in, leaky-ReLU gain for `slope`) weights and zero biases for every conv and linear layer of
+    `module`; in place."""
     for layer in module.modules():
         if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             nn.init.kaiming_normal_(layer.weight, a=slope, mode="fan_in", nonlinearity="leaky_relu")
@@ -222,7 +225,8 @@ class ResBlock(nn.Module):
         self.branch = nn.Sequential(first, _norm(norm, cout, dim), nn.ReLU(),
                                     conv(cout, cout, 3, 1, 1), _norm(norm, cout, dim))
         if direction == "down": self.skip = nn.Sequential(conv(cin, cout, 1, 2, 0), _norm(norm, cout, dim))
-        else: self.skip = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv(cin, cout, 1), _norm(norm, cout, dim))
+        else: self.skip = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv(cin, cout, 1),
+                                        _norm(norm, cout, dim))
         self.act = nn.ReLU()
 
     def forward(self, x):
@@ -249,7 +253,7 @@ def _res_trunk(shape, width, norm, dim):
     ws = _widths(k, width)
     layers = [Transpose12()] if dim == 1 else []
     layers += [conv(cin, ws[0], 4, 2, 1), nn.ReLU()]                         # stem: L -> L/2
-    layers += [ResBlock(a, b, "down", dim, norm) for a, b in zip(ws, ws[1:])]  # ... -> 4
+    layers += [ResBlock(a, b, "down", dim, norm) for a, b in zip(ws, ws[1:], strict=False)]  # ... -> 4
     layers += [conv(ws[-1], ws[-1], 4, 1, 0), nn.ReLU(), nn.Flatten()]       # 4 -> 1
     return Trunk(nn.Sequential(*layers), shape, ws[-1])
 
@@ -262,7 +266,7 @@ def _res_decoder(in_dim, shape, width, norm, dim, out_act):
     ws = _widths(k, width)[::-1]
     layers = [nn.Linear(in_dim, ws[0]), nn.ReLU(), Unflatten(ws[0], *([1] * dim)),
               convT(ws[0], ws[0], 4, 1, 0), nn.ReLU()]                         # 1 -> 4
-    layers += [ResBlock(a, b, "up", dim, norm) for a, b in zip(ws, ws[1:])]  # 4 -> L/2
+    layers += [ResBlock(a, b, "up", dim, norm) for a, b in zip(ws, ws[1:], strict=False)]  # 4 -> L/2
     layers += [convT(ws[-1], cout, 4, 2, 1)]                                  # L/2 -> L
     return Decoder(nn.Sequential(*layers), in_dim, shape, out_act, channels_last=(dim == 1))
 
@@ -321,7 +325,8 @@ class PaperSetup:
         return {m: self.private_beta * float(self.private_style_weights.get(m, 1.0)) for m in modalities}
 
     def model_options(self, info) -> dict:
-        "Keyword arguments of `MultimodalVAE` for data `info`: rec_weights, and private_kl_weights with private latents."
+        """Keyword arguments of `MultimodalVAE` for data `info`: rec_weights, and private_kl_weights with private
+        latents."""
         out = {"rec_weights": self.reconstruction_weights(dict(info.data_dims))}
         if self.private_dim: out["private_kl_weights"] = self.private_kl_weights(info.modalities)
         return out
@@ -404,7 +409,8 @@ def _arch(info, arch):
 # %% ../nbs/06_nets.ipynb #c105
 def make_encoder(info, modality: str, latent_dim: int, private_dim: int = 0, arch: str | None = None,
                  init: str = "he", act: str = "leaky_relu", **kw) -> Encoder:
-    "The encoder of `modality`: (B, *shape) -> (mu, logvar), each (B, latent_dim + private_dim); trunk `init` he|torch, `act` leaky_relu|relu."
+    """The encoder of `modality`: (B, *shape) -> (mu, logvar), each (B, latent_dim + private_dim); trunk `init`
+    he|torch, `act` leaky_relu|relu."""
     _choose("init", init, TRUNK_INITS); _choose("act", act, TRUNK_ACTS)
     trunk, _ = _builders(info, modality, _arch(info, arch), kw)
     trunk = trunk()
@@ -421,7 +427,8 @@ def make_decoder(info, modality: str, latent_dim: int, private_dim: int = 0, arc
 # %% ../nbs/06_nets.ipynb #c109
 def make_networks(info, latent_dim: int, private_dim: int = 0, arch: str | None = None,
                   init: str = "he", act: str = "leaky_relu", **kw):
-    "Dicts `(encoders, decoders)` keyed by `info.modalities`, chosen by `info.name` (or `arch`); `init`, `act`: the encoder trunks'."
+    """Dicts `(encoders, decoders)` keyed by `info.modalities`, chosen by `info.name` (or `arch`); `init`, `act`: the
+    encoder trunks'."""
     encs = {m: make_encoder(info, m, latent_dim, private_dim, arch, init, act, **kw) for m in info.modalities}
     decs = {m: make_decoder(info, m, latent_dim, private_dim, arch, **kw) for m in info.modalities}
     return encs, decs

@@ -1,7 +1,7 @@
 """The authors' released coherence classifiers (issue 30, item 4): their layouts (keys and shapes read off their code in
-thomassutter/MoPoE and srl-ethz/mmvaeplus), a fixture folder saved the way they saved theirs (torch.save of a state dict;
-PyTorch 1.4's legacy format and today's zip format) loaded weights-only through `classifiers_from`, files that would run
-code refused unexecuted, and results.json naming the classifiers' source."""
+thomassutter/MoPoE and srl-ethz/mmvaeplus), a fixture folder saved the way they saved theirs (torch.save of a state
+dict; PyTorch 1.4's legacy format and today's zip format) loaded weights-only through `classifiers_from`, files that
+would run code refused unexecuted, and results.json naming the classifiers' source."""
 import json
 import os
 import tempfile
@@ -17,23 +17,36 @@ from conftest import TINY
 from mopoe.config import ConfigError, config_key, resolve_config
 from mopoe.data import ALPHABET, encode_text
 from mopoe.io import CorruptFileError
-from mopoe.released import (AUTHORS_ALPHABET, RELEASES, CelebAImageClassifier, CelebATextClassifier, MNISTDigitClassifier,
-                            PolyMNISTDigitClassifier, SVHNDigitClassifier, TextDigitClassifier, alphabet_map,
-                            load_released_classifiers, load_state_file)
+from mopoe.released import (
+    AUTHORS_ALPHABET,
+    RELEASES,
+    CelebAImageClassifier,
+    CelebATextClassifier,
+    MNISTDigitClassifier,
+    PolyMNISTDigitClassifier,
+    SVHNDigitClassifier,
+    TextDigitClassifier,
+    alphabet_map,
+    load_released_classifiers,
+    load_state_file,
+)
 
 MST = SimpleNamespace(name="mnist_svhn_text", modalities=["mnist", "svhn", "text"], multilabel=False,
                       likelihoods={"mnist": "laplace", "svhn": "laplace", "text": "categorical"},
                       shapes={"mnist": (1, 28, 28), "svhn": (3, 32, 32), "text": (8, len(ALPHABET))}, alphabet=ALPHABET)
 POLY = SimpleNamespace(name="polymnist", modalities=[f"m{i}" for i in range(5)], multilabel=False,
-                       likelihoods={f"m{i}": "laplace" for i in range(5)}, shapes={f"m{i}": (3, 28, 28) for i in range(5)})
-CELEBA = SimpleNamespace(name="celeba", modalities=["img", "text"], multilabel=True, likelihoods={"img": "laplace", "text": "categorical"},
+                       likelihoods={f"m{i}": "laplace" for i in range(5)},
+                       shapes={f"m{i}": (3, 28, 28) for i in range(5)})
+CELEBA = SimpleNamespace(name="celeba", modalities=["img", "text"], multilabel=True,
+                         likelihoods={"img": "laplace", "text": "categorical"},
                          shapes={"img": (3, 64, 64), "text": (256, len(ALPHABET))}, alphabet=ALPHABET)
 
 # Their state dicts' layouts, read off their layer definitions (`ClfImg` of mmnist/ and of MMVAE+'s utils.py, `ClfImg`,
 # `ClfImgSVHN`, `ClfText` of mnistsvhntext/, `ClfImg`, `ClfText` of celeba/): every key and shape of the small ones,
 # the number of keys, parameters and a few shapes of the residual ones.
-POLY_LAYOUT = {"encoder.0.weight": (10, 3, 4, 4), "encoder.0.bias": (10,), "encoder.3.weight": (20, 10, 4, 4), "encoder.3.bias": (20,),
-               "encoder.7.weight": (128, 980), "encoder.7.bias": (128,), "encoder.10.weight": (10, 128), "encoder.10.bias": (10,)}
+POLY_LAYOUT = {"encoder.0.weight": (10, 3, 4, 4), "encoder.0.bias": (10,), "encoder.3.weight": (20, 10, 4, 4),
+               "encoder.3.bias": (20,), "encoder.7.weight": (128, 980), "encoder.7.bias": (128,),
+               "encoder.10.weight": (10, 128), "encoder.10.bias": (10,)}
 MNIST_LAYOUT = {"conv1.weight": (32, 1, 4, 4), "conv1.bias": (32,), "conv2.weight": (64, 32, 4, 4), "conv2.bias": (64,),
                 "conv3.weight": (128, 64, 4, 4), "conv3.bias": (128,), "linear.weight": (10, 128), "linear.bias": (10,)}
 SVHN_LAYOUT = {**{f"conv{i}.{p}": s for i, (o, c) in enumerate([(32, 3), (64, 32), (64, 64), (128, 64)], 1)
@@ -43,10 +56,11 @@ SVHN_LAYOUT = {**{f"conv{i}.{p}": s for i, (o, c) in enumerate([(32, 3), (64, 32
                "linear.weight": (10, 128), "linear.bias": (10,)}
 RESIDUAL = {  # class: (number of keys, some shapes)
     TextDigitClassifier: (46, {"conv1.weight": (128, 71, 1), "resblock_1.0.conv1.weight": (128, 128, 1),
-                               "resblock_1.0.downsample.0.weight": (192, 128, 4), "resblock_4.0.conv2.weight": (128, 192, 4),
-                               "linear.weight": (10, 128)}),
-    CelebAImageClassifier: (79, {"feature_extractor.conv1.weight": (128, 3, 3, 3), "feature_extractor.resblock1.0.conv1.weight":
-                                 (128, 128, 1, 1), "feature_extractor.resblock4.0.downsample.0.weight": (640, 512, 4, 4),
+                               "resblock_1.0.downsample.0.weight": (192, 128, 4),
+                               "resblock_4.0.conv2.weight": (128, 192, 4), "linear.weight": (10, 128)}),
+    CelebAImageClassifier: (79, {"feature_extractor.conv1.weight": (128, 3, 3, 3),
+                                 "feature_extractor.resblock1.0.conv1.weight": (128, 128, 1, 1),
+                                 "feature_extractor.resblock4.0.downsample.0.weight": (640, 512, 4, 4),
                                  "linear.weight": (40, 640)}),
     CelebATextClassifier: (130, {"conv1.weight": (128, 71, 3), "resblock_1.0.conv2.weight": (256, 128, 4),
                                  "resblock_6.0.downsample.0.weight": (896, 768, 4), "linear.weight": (40, 896)}),
@@ -63,7 +77,8 @@ def test_layouts_are_the_authors():
     for cls, (n_keys, shapes) in RESIDUAL.items():
         layout = _layout(cls())
         assert len(layout) == n_keys and {k: layout[k] for k in shapes} == shapes, cls.__name__
-    assert not any("bias" in k and "conv" in k and "downsample" not in k for k in _layout(CelebAImageClassifier()))   # bias=False
+    # bias=False
+    assert not any("bias" in k and "conv" in k and "downsample" not in k for k in _layout(CelebAImageClassifier()))
     assert len(AUTHORS_ALPHABET) == 71 and AUTHORS_ALPHABET.count("-") == 2 and AUTHORS_ALPHABET.endswith(" \n")
 
 
@@ -75,7 +90,8 @@ def _their_folder(folder, release, zip_format=True, seed=0):
     for m, (fname, arch) in release.files.items():
         nets[m] = arch().eval()
         for mod in nets[m].modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm): mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2)
         torch.save(nets[m].state_dict(), folder / fname, _use_new_zipfile_serialization=zip_format)
     return nets
 
@@ -96,7 +112,8 @@ def test_a_folder_in_their_layout_loads_and_reproduces_their_outputs(tmp_path, i
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                          # every key used: nothing ignored
         clfs = load_released_classifiers(tmp_path, info)
-    assert sorted(clfs) == sorted(info.modalities) and clfs.scores is None and clfs.metric == ("average_precision" if info.multilabel else "accuracy")
+    assert sorted(clfs) == sorted(info.modalities) and clfs.scores is None
+    assert clfs.metric == ("average_precision" if info.multilabel else "accuracy")
     for m in info.modalities:
         if info.likelihoods[m] == "categorical":
             L = info.shapes[m][0]
@@ -107,7 +124,8 @@ def test_a_folder_in_their_layout_loads_and_reproduces_their_outputs(tmp_path, i
             x = torch.rand(3, *info.shapes[m])
             assert torch.equal(clfs[m](x), theirs[m](x))
         rec = clfs.source["files"][m]
-        assert rec["file"] == RELEASES[info.name].files[m][0] and len(rec["sha256"]) == 64 and rec["ignored_keys"] == []
+        assert rec["file"] == RELEASES[info.name].files[m][0] and len(rec["sha256"]) == 64
+        assert rec["ignored_keys"] == []
         assert not clfs[m].training and all(not p.requires_grad for p in clfs[m].parameters())
     assert clfs.source["folder"] == str(tmp_path) and "MoPoE authors" in clfs.source["release"]
 
@@ -115,7 +133,8 @@ def test_a_folder_in_their_layout_loads_and_reproduces_their_outputs(tmp_path, i
 def test_alphabet_map_places_every_character_at_its_first_index():
     P = alphabet_map(ALPHABET)
     assert P.shape == (69, 71) and torch.equal(P.sum(1), torch.ones(69))
-    assert P[ALPHABET.index("-"), 36] == 1 and P[:, 59].sum() == 0 and P[:, 70].sum() == 0    # the second '-', newline: unused
+    # the second '-', newline: unused
+    assert P[ALPHABET.index("-"), 36] == 1 and P[:, 59].sum() == 0 and P[:, 70].sum() == 0
     with pytest.raises(ValueError, match=r"characters \['é'\]"):
         alphabet_map(ALPHABET + "é")
 
@@ -131,13 +150,18 @@ def test_files_that_are_not_their_state_dicts_are_refused_naming_the_file(tmp_pa
     f = tmp_path / "clf_m2"
     sd = SVHNDigitClassifier().state_dict()
     cases = [
-        (lambda: torch.save({"conv1.weight": _Evil()}, f), CorruptFileError, "clf_m2 holds more than a state dict .* refused unexecuted"),
-        (lambda: torch.save({"conv1.weight": _Evil()}, f, _use_new_zipfile_serialization=False), CorruptFileError, "refused unexecuted"),
-        (lambda: torch.save(SVHNDigitClassifier(), f), CorruptFileError, "holds more than a state dict"),            # a whole model
+        (lambda: torch.save({"conv1.weight": _Evil()}, f), CorruptFileError,
+         "clf_m2 holds more than a state dict .* refused unexecuted"),
+        (lambda: torch.save({"conv1.weight": _Evil()}, f, _use_new_zipfile_serialization=False), CorruptFileError,
+         "refused unexecuted"),
+        # a whole model
+        (lambda: torch.save(SVHNDigitClassifier(), f), CorruptFileError, "holds more than a state dict"),
         (lambda: torch.save([torch.zeros(1)], f), CorruptFileError, "clf_m2 does not hold a state dict"),
         (lambda: f.write_bytes(b"not a pickle at all"), CorruptFileError, "clf_m2 is not a PyTorch state-dict file"),
-        (lambda: torch.save(MNISTDigitClassifier().state_dict(), f), ValueError, "clf_m2 does not fit SVHNDigitClassifier: missing"),
-        (lambda: torch.save({**sd, "linear.weight": torch.zeros(10, 64)}, f), ValueError, r"wrong shapes linear.weight \(10, 64\)"),
+        (lambda: torch.save(MNISTDigitClassifier().state_dict(), f), ValueError,
+         "clf_m2 does not fit SVHNDigitClassifier: missing"),
+        (lambda: torch.save({**sd, "linear.weight": torch.zeros(10, 64)}, f), ValueError,
+         r"wrong shapes linear.weight \(10, 64\)"),
         (lambda: f.unlink(), FileNotFoundError, "clf_m2 does not exist"),
     ]
     for make, err, match in cases:
@@ -168,7 +192,8 @@ def test_wrong_dataset_modality_or_folder(tmp_path):
     with pytest.raises(ValueError, match="no released classifiers are known for dataset 'cub'"):
         load_released_classifiers(tmp_path, SimpleNamespace(name="cub", modalities=["img"]))
     with pytest.raises(ValueError, match="m0, m1, m2, m3, m4 only, not m5, m6"):
-        load_released_classifiers(tmp_path, SimpleNamespace(name="polymnist", modalities=[f"m{i}" for i in range(7)]))
+        load_released_classifiers(tmp_path,
+                                  SimpleNamespace(name="polymnist", modalities=[f"m{i}" for i in range(7)]))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         load_released_classifiers(tmp_path / "none", POLY)
     short = SimpleNamespace(**{**vars(MST), "shapes": {**MST.shapes, "text": (16, len(ALPHABET))}})
@@ -182,11 +207,12 @@ def test_option_declared_checked_and_keyed(tmp_path):
     assert base.classifiers_from == "" and config_key(base) == config_key(resolve_config(classifiers_from=""))
     with pytest.raises(ConfigError, match="classifiers_from '/no/such/folder' is not a folder .*trained_clfs_mst/"):
         resolve_config(classifiers_from="/no/such/folder")
-    resolve_config(classifiers_from="/no/such/folder", metrics="latent")              # no coherence: not needed, not checked
+    resolve_config(classifiers_from="/no/such/folder", metrics="latent")        # no coherence: not needed, not checked
     os.environ["MOPOE_TEST_CLF"] = str(tmp_path)
     try: cfg = resolve_config(classifiers_from="$MOPOE_TEST_CLF")
     finally: del os.environ["MOPOE_TEST_CLF"]
-    assert cfg.classifiers_from == str(tmp_path) and config_key(cfg) != config_key(base)   # other classifiers, other numbers
+    # other classifiers, other numbers
+    assert cfg.classifiers_from == str(tmp_path) and config_key(cfg) != config_key(base)
 
 
 @pytest.mark.integration
@@ -201,7 +227,8 @@ def test_run_and_mopoe_eval_use_them_and_results_name_the_source(tmp_path, data_
     src = saved["classifiers_source"]
     assert type(res["classifiers"]).__name__ == "ReleasedClassifiers" and src == res["classifiers"].source
     assert src["folder"] == str(folder) and src["files"]["text"]["architecture"] == "TextDigitClassifier"
-    assert saved["config"]["classifiers_from"] == str(folder) and set(saved["metrics"]["classifiers"]) == {"mnist", "svhn", "text"}
+    assert saved["config"]["classifiers_from"] == str(folder)
+    assert set(saved["metrics"]["classifiers"]) == {"mnist", "svhn", "text"}
     # a run evaluated with classifiers trained here has no source entry; mopoe-eval's override brings it
     cfg2 = resolve_config(**{**TINY, "metrics": "coherence"}, data_dir=str(data_dir), out_dir=str(tmp_path / "run2"))
     run(cfg2, progress=False)

@@ -1,6 +1,6 @@
-"""FID's two protocols (issue 30, item 3): `png` is exactly a real PNG round trip, the protocols differ by quantisation alone,
-results record the protocol next to n and the weights' SHA-256, the faster extractor keeps the features, and the FID
-benchmark's --quick mode runs. Real PNG files and the real network only on a handful of images."""
+"""FID's two protocols (issue 30, item 3): `png` is exactly a real PNG round trip, the protocols differ by quantisation
+alone, results record the protocol next to n and the weights' SHA-256, the faster extractor keeps the features, and the
+FID benchmark's --quick mode runs. Real PNG files and the real network only on a handful of images."""
 import json
 import os
 import socket
@@ -41,21 +41,23 @@ def _images(seed=0):
 
 
 def test_png_equals_writing_and_reading_real_png_files(tmp_path):
-    "torchvision's save_image (the authors' writer, through PIL), read back by PIL as their imread and by pytorch-fid's reader."
+    """torchvision's save_image (the authors' writer, through PIL), read back by PIL as their imread and by
+    pytorch-fid's reader."""
     from PIL import Image
     from pytorch_fid.fid_score import ImagePathDataset
     from torchvision.transforms import ToTensor
     from torchvision.utils import save_image
-    for kind, xs in zip(("grey", "rgb"), _images()):
+    for kind, xs in zip(("grey", "rgb"), _images(), strict=True):
         files = []
         for i, x in enumerate(xs):
             files.append(tmp_path / f"{kind}_{i}.png")
             save_image(x, files[-1])
-        via_pil = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255).permute(2, 0, 1) for f in files])
+        via_pil = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255).permute(2, 0, 1)
+                               for f in files])
         via_pytorch_fid = torch.stack(list(ImagePathDataset(files, transforms=ToTensor())))
-        assert torch.equal(via_pil, prepare_images(png_quantise(xs)))                  # bit for bit, grey repeated to RGB
+        assert torch.equal(via_pil, prepare_images(png_quantise(xs)))              # bit for bit, grey repeated to RGB
         assert torch.equal(via_pytorch_fid, via_pil)
-        assert not torch.equal(prepare_images(xs), via_pil)                             # the tensor protocol skips the rounding
+        assert not torch.equal(prepare_images(xs), via_pil)                   # the tensor protocol skips the rounding
 
 
 def test_png_quantise_is_a_projection_onto_the_8_bit_levels():
@@ -63,8 +65,10 @@ def test_png_quantise_is_a_projection_onto_the_8_bit_levels():
     q = png_quantise(x)
     assert torch.equal(png_quantise(q), q) and (q - x).abs().max() <= 0.5 / 255 + 1e-7
     levels = torch.arange(256).float() / 255
-    assert torch.equal(png_quantise(levels), torch.from_numpy(np.arange(256, dtype=np.float32) / 255))  # k/255 pass unchanged
-    assert torch.equal(png_quantise(torch.tensor([-3.0, 0.4 / 255, 0.5 / 255, 254.5 / 255, 7.0])), torch.tensor([0, 0, 1, 255, 255]) / 255.0)
+    # k/255 pass unchanged
+    assert torch.equal(png_quantise(levels), torch.from_numpy(np.arange(256, dtype=np.float32) / 255))
+    assert torch.equal(png_quantise(torch.tensor([-3.0, 0.4 / 255, 0.5 / 255, 254.5 / 255, 7.0])),
+                       torch.tensor([0, 0, 1, 255, 255]) / 255.0)
     assert png_quantise(x.double()).dtype == torch.float32
 
 
@@ -91,9 +95,11 @@ _INFO = SimpleNamespace(name="imgtoy", modalities=["a", "b"], shapes={"a": (1, 8
 
 
 class _Blur(nn.Module):
-    "A stand-in model: conditional generations are the batch shifted and dimmed (off the 8-bit grid), prior samples noise."
+    """A stand-in model: conditional generations are the batch shifted and dimmed (off the 8-bit grid), prior samples
+    noise."""
     modalities = ["a", "b"]
-    def __init__(self, eight_bit=False): super().__init__(); self.w, self.eight_bit = nn.Parameter(torch.zeros(1)), eight_bit
+    def __init__(self, eight_bit=False):
+        super().__init__(); self.w, self.eight_bit = nn.Parameter(torch.zeros(1)), eight_bit
     def _out(self, d): return {m: png_quantise(t) for m, t in d.items()} if self.eight_bit else d
     def experts(self, x):
         mu = torch.zeros(2, len(x["a"]), 2)
@@ -105,8 +111,9 @@ class _Blur(nn.Module):
 
 def _fid(model, data, protocol, tmp_path, n=24):
     "The evaluation's result and {(source or 'prior', target): FID}."
-    r = evaluate(model, None, data, _INFO, metrics=[FID(n, data_dir=tmp_path, extractor=_Pool(), fid_protocol=protocol)],
-                 batch_size=8, progress=False)
+    r = evaluate(model, None, data, _INFO,
+                 metrics=[FID(n, data_dir=tmp_path, extractor=_Pool(), fid_protocol=protocol)], batch_size=8,
+                 progress=False)
     f = r["fid"]
     values = {("prior", t): v["fid"] for t, v in f["unconditional"].items()}
     return r, values | {(s, t): v["fid"] for s, d in f["conditional"].items() for t, v in d.items()}
@@ -116,11 +123,13 @@ def test_protocols_differ_on_quantisation_alone(tmp_path):
     r_t, tensor = _fid(_Blur(), _Tuples(30), "tensor", tmp_path / "t")
     r_p, png = _fid(_Blur(), _Tuples(30), "png", tmp_path / "p")
     assert set(tensor) == set(png) and len(tensor) == 2 + 2 and all(np.isfinite(list(tensor.values())))
-    assert all(tensor[k] != png[k] for k in tensor), (tensor, png)                  # off-grid images: the protocols differ
-    # ... by quantisation alone. The real images: png feeds exactly the tensor protocol's images quantised beforehand
+    assert all(tensor[k] != png[k] for k in tensor), (tensor, png)              # off-grid images: the protocols differ
+    # ... by quantisation alone.
+    # The real images: png feeds exactly the tensor protocol's images quantised beforehand
     r_q, _ = _fid(_Blur(), _Tuples(30, eight_bit=True), "tensor", tmp_path / "q")
-    assert r_p["fid"]["reference"] == r_q["fid"]["reference"] != r_t["fid"]["reference"]   # SHA-256 of the images fed
-    # the generated images: on 8-bit data (the models see the same inputs), png = tensor of the generations quantised
+    assert r_p["fid"]["reference"] == r_q["fid"]["reference"] != r_t["fid"]["reference"]  # SHA-256 of the images fed
+    # the generated images: on 8-bit data (the models see the same inputs),
+    # png = tensor of the generations quantised
     _, png8 = _fid(_Blur(), _Tuples(30, eight_bit=True), "png", tmp_path / "r")
     _, pre = _fid(_Blur(eight_bit=True), _Tuples(30, eight_bit=True), "tensor", tmp_path / "s")
     _, tensor8 = _fid(_Blur(), _Tuples(30, eight_bit=True), "tensor", tmp_path / "u")
@@ -134,22 +143,25 @@ def test_results_record_the_protocol_next_to_n_and_the_weights(tmp_path):
     r, _ = _fid(_Blur(), _Tuples(30), "png", tmp_path)
     f = r["fid"]
     assert list(f)[:3] == ["n", "protocol", "note"] and f["protocol"] == "png" and f["n"] == 24
-    assert "Protocol png" in f["note"] and "biased upward at small n" in f["note"] and "weights" in f and "sha256" in f["weights"]
+    assert "Protocol png" in f["note"] and "biased upward at small n" in f["note"]
+    assert "weights" in f and "sha256" in f["weights"]
     assert r["settings"]["fid_protocol"] == "png" and r["settings"]["fid_samples"] == 24
     json.dumps(r, allow_nan=False)
 
 
 def test_reference_cache_is_keyed_by_the_images_each_protocol_feeds(tmp_path):
-    class Recorded(_Pool): provenance = {"source": "4x4 pooling", "sha256": "p" * 64}       # a digest: its features are cached
+    # a digest: its features are cached
+    class Recorded(_Pool): provenance = {"source": "4x4 pooling", "sha256": "p" * 64}
     def ref_files(data, protocol):
-        evaluate(_Blur(), None, data, _INFO, metrics=[FID(10, data_dir=tmp_path, extractor=Recorded(), fid_protocol=protocol,
-                                                           precision_recall=False)], batch_size=10, progress=False)
+        fid_metric = FID(10, data_dir=tmp_path, extractor=Recorded(), fid_protocol=protocol, precision_recall=False)
+        evaluate(_Blur(), None, data, _INFO, metrics=[fid_metric], batch_size=10, progress=False)
         return sorted(p.name for p in (tmp_path / "fid").glob("imgtoy_*"))
     ref_files(_Tuples(12, seed=3), "tensor")
-    assert len(ref_files(_Tuples(12, seed=3), "png")) == 4                     # off-grid real images: a cache per protocol
+    assert len(ref_files(_Tuples(12, seed=3), "png")) == 4                  # off-grid real images: a cache per protocol
     for f in (tmp_path / "fid").glob("imgtoy_*"): f.unlink()
     ref_files(_Tuples(12, seed=3, eight_bit=True), "tensor")
-    assert len(ref_files(_Tuples(12, seed=3, eight_bit=True), "png")) == 2     # 8-bit real images: the same features, shared
+    # 8-bit real images: the same features, shared
+    assert len(ref_files(_Tuples(12, seed=3, eight_bit=True), "png")) == 2
 
 
 def test_option_declared_checked_and_keyed():
@@ -159,10 +171,12 @@ def test_option_declared_checked_and_keyed():
     with pytest.raises(ValueError, match="fid_protocol must be one of tensor, png"):
         FID(10, fid_protocol="PNG")
     base = resolve_config(metrics="latent,fid")
-    assert base.fid_protocol == "tensor" and config_key(base) == config_key(resolve_config(metrics="latent,fid", fid_protocol="tensor"))
-    assert config_key(resolve_config(metrics="latent,fid", fid_protocol="png")) != config_key(base)      # another number
-    assert config_key(resolve_config(metrics="latent", fid_protocol="png")) == config_key(resolve_config(metrics="latent"))
-    old = SimpleNamespace(fid_samples=50, fid_weights=None, data_dir="data")                               # a config from before
+    assert base.fid_protocol == "tensor"
+    assert config_key(base) == config_key(resolve_config(metrics="latent,fid", fid_protocol="tensor"))
+    assert config_key(resolve_config(metrics="latent,fid", fid_protocol="png")) != config_key(base)  # another number
+    assert config_key(resolve_config(metrics="latent", fid_protocol="png")) == config_key(
+        resolve_config(metrics="latent"))
+    old = SimpleNamespace(fid_samples=50, fid_weights=None, data_dir="data")                      # a config from before
     assert FID.from_config(old).fid_protocol == "tensor"
     assert FID.from_config(resolve_config(metrics="fid", fid_protocol="png")).fid_protocol == "png"
 
@@ -190,8 +204,8 @@ def test_real_network_png_files_and_the_faster_extractor(nets, tmp_path):
     fast, exact = nets
     x = _images(1)[1]
     for i, img in enumerate(x): save_image(img, tmp_path / f"{i}.png")
-    files = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / f"{i}.png"), dtype=np.float32) / 255).permute(2, 0, 1)
-                         for i in range(len(x))])
+    files = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / f"{i}.png"), dtype=np.float32) / 255)
+                         .permute(2, 0, 1) for i in range(len(x))])
     f_png, f_files, f_tensor = fast(png_quantise(x)), fast(files), fast(x)
     assert torch.equal(f_png, f_files)                                          # the same input, the same features
     assert (f_png - f_tensor).abs().max() > 1e-4                               # quantisation moves the features

@@ -134,6 +134,7 @@ def machine_info(threads: int) -> dict:
 
 def versions() -> dict:
     import torch
+
     import mopoe
     out = {"mopoe": getattr(mopoe, "__version__", "?"), "multivae": P.multivae_version(), "torch": torch.__version__}
     try:
@@ -179,6 +180,7 @@ def resolve(args, pair: str, M: int, seed: int = 0):
 def build_pair(args, pair: str, M: int, info, seed: int = 0):
     "(cfg, mopoe model, MultiVae model) with the same initial weights."
     import torch
+
     from mopoe.train import build_model
     cfg = resolve(args, pair, M, seed)
     torch.manual_seed(seed)
@@ -385,7 +387,8 @@ def stage_speed(args, rep: Report):
             for pair in meta:
                 other = ("mopoe", "multivae") if pair == "mopoe_auto" else (pair, "multivae")
                 a, b = med[(pair, "mopoe")], med.get(other)
-                rr = None if b is None else statistics.median(y / x for x, y in zip(per[(pair, "mopoe")], per[other]))
+                rr = None if b is None else statistics.median(
+                    y / x for x, y in zip(per[(pair, "mopoe")], per[other], strict=True))
                 out.append({"M": M, "setting": setting, "pair": pair, **meta[pair], "mopoe_ms": 1e3 * a,
                             "multivae_ms": None if b is None else 1e3 * b,
                             "ratio_of_medians": None if b is None else b / a, "median_of_round_ratios": rr,
@@ -496,6 +499,7 @@ def welch(a: list, b: list):
     "Welch's t-test p-value (scipy), None with fewer than 2 values a side or no spread."
     if len(a) < 2 or len(b) < 2: return None
     import warnings
+
     from scipy import stats
     if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0: return None
     with warnings.catch_warnings():
@@ -535,8 +539,9 @@ def quality_table(q: dict) -> list:
         a = [s["mopoe"]["summary"][k] for s in per_seed if s["mopoe"]["summary"][k] is not None]
         b = [s["multivae"]["summary"][k] for s in per_seed if s["multivae"]["summary"][k] is not None]
         if not a or not b: continue
-        rows.append({"metric": k, "mopoe": a, "multivae": b, "diff": [y - x for x, y in zip(a, b)], "welch_p": welch(a, b)})
-    for r, ph in zip(rows, holm([r["welch_p"] for r in rows])):
+        rows.append({"metric": k, "mopoe": a, "multivae": b, "diff": [y - x for x, y in zip(a, b, strict=False)],
+                     "welch_p": welch(a, b)})
+    for r, ph in zip(rows, holm([r["welch_p"] for r in rows]), strict=True):
         r["holm_p"] = ph
         if min(len(r["mopoe"]), len(r["multivae"])) < 2: r["verdict"] = "no test (1 seed): no lead"
         elif ph is not None and ph < 0.05:
@@ -605,10 +610,11 @@ def render_quality(rep: Report):
               [[lab.get(r["metric"], r["metric"]), ms(r["mopoe"]), ms(r["multivae"]), ms(r["diff"]), p2(r["welch_p"]),
                 p2(r["holm_p"]), r["verdict"]] for r in rows])
     hists = [s["training_loss_by_epoch"] for s in per_seed]
-    gaps = [[y - x for x, y in zip(h["mopoe"], h["multivae"])] for h in hists]
+    gaps = [[y - x for x, y in zip(h["mopoe"], h["multivae"], strict=True)] for h in hists]
     rep.say("Reported training loss of the last epoch (nats a tuple, each library's own estimator): "
             f"mopoe {ms([h['mopoe'][-1] for h in hists])}, MultiVae {ms([h['multivae'][-1] for h in hists])}; "
-            f"MultiVae − mopoe by epoch, over seeds: {min(min(g) for g in gaps):.1f} to {max(max(g) for g in gaps):.1f}.")
+            f"MultiVae − mopoe by epoch, over seeds: {min(min(g) for g in gaps):.1f} to "
+            f"{max(max(g) for g in gaps):.1f}.")
     tr = [s["step_ms_in_training"] for s in per_seed]
     rep.say("Step time inside the training loop (interleaved step by step): "
             f"mopoe {ms([t['mopoe_ms'] for t in tr])} ms, MultiVae {ms([t['multivae_ms'] for t in tr])} ms.")
@@ -671,7 +677,8 @@ def render_footer(rep: Report):
 
 
 def render(path: str, md: str | None, out_json: str | None = None) -> int:
-    "Print (with `md`: write) the markdown of a results JSON this script wrote; with `out_json` also its derived tables."
+    """Print (with `md`: write) the markdown of a results JSON this script wrote; with `out_json` also its derived
+    tables."""
     with open(path) as f: res = json.load(f)
     rep = Report(argparse.Namespace(json=out_json, md=md))
     rep.res = res

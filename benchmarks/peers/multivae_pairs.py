@@ -13,7 +13,7 @@ The pairs (MultiVae 1.0.x names):
 |---|---|---|---|
 | mopoe | `mopoe` (kl exact: `subset_average`) | `MoPoE` | yes, given the same row-to-subset assignment |
 | mopoe_auto | `mopoe` (kl `auto`: sampled above 31 subsets) | `MoPoE` | M <= 5 only (exact there); mopoe's default |
-| mvae | `mvae` (faithful: prior in each product, unimodal ELBOs) | `MVAE` (k=0, no warm-up) | complete, uniform weights |
+| mvae | `mvae` (faithful: prior in each product, unimodal ELBOs) | `MVAE` (k=0, no warm-up) | complete, equal weights |
 | mmvaeplus | `mmvaeplus` (K=1, elbo, Laplace) | `MMVAEPlus` (K=1, iwae_looser, Laplace) | yes, same noise |
 | mmvae | `mmvae` (Eq. 9-10) | `MMVAE` | no: another estimator (see `ESTIMATOR_NOTES`) |
 
@@ -73,18 +73,19 @@ def require_multivae():
     "Import MultiVae or exit with the command that installs it."
     try:
         import multivae  # noqa: F401
-        from multivae.models import MVAE, MMVAE, MMVAEPlus, MoPoE  # noqa: F401
+        from multivae.models import MMVAE, MVAE, MMVAEPlus, MoPoE  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"MultiVae is not importable ({e}); install the optional extra: pip install -e \".[peers]\"")
+        raise SystemExit(f"MultiVae is not importable ({e}); "
+                         "install the optional extra: pip install -e \".[peers]\"") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # wrappers: the same modules, MultiVae's calling convention
 
 def _wrappers():
+    from multivae.models.nn.base_architectures import BaseMultilatentEncoder
     from pythae.models.base.base_utils import ModelOutput
     from pythae.models.nn.base_architectures import BaseDecoder
-    from multivae.models.nn.base_architectures import BaseMultilatentEncoder
 
     class SharedEncoder(BaseMultilatentEncoder):
         "A mopoe encoder ((mu, logvar) of latent_dim + private_dim columns) in MultiVae's convention."
@@ -174,7 +175,7 @@ def same_weights(model, mv) -> bool:
     "True when every encoder and decoder parameter of the MultiVae model equals the mopoe model's."
     for m in model.modalities:
         for a, b in ((model.encoders[m], mv.encoders[m].net), (model.decoders[m], mv.decoders[m].net)):
-            for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+            for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
                 if p.shape != q.shape or not torch.equal(p, q): return False
     return True
 
@@ -276,9 +277,12 @@ def _pair_params(model, mv, names):
 
 def _grad_gap(ga, gb) -> float:
     "max |g_a - g_b| over every parameter, relative to max |g_a|."
-    num = max(float((x - y).abs().max()) for x, y in zip(ga, gb))
+    num = max(float((x - y).abs().max()) for x, y in zip(ga, gb, strict=True))
     den = max(float(x.abs().max()) for x in ga)
     return num / den if den > 0 else num
+
+
+_NO_SHAPE = torch.Size()                               # rsample's default sample shape, as torch's own signature
 
 
 class _RecordingLaplace:
@@ -288,7 +292,7 @@ class _RecordingLaplace:
         rec = log
 
         class Recording(Laplace):
-            def rsample(self, sample_shape=torch.Size()):
+            def rsample(self, sample_shape=_NO_SHAPE):
                 s = super().rsample(sample_shape)
                 rec.append(((s - self.loc) / self.scale).detach())
                 return s
