@@ -65,7 +65,7 @@ def time_evaluate(model, train, test, info, clfs, args) -> dict:
     for metric in ("latent", "coherence", "loglik"):
         t = time.perf_counter()
         res = evaluate(model, train, test, info, classifiers=clfs if metric == "coherence" else None,
-                       num_latent_train=args.num_latent_train, num_samples=args.num_samples, batch_size=args.batch,
+                       num_latent_train=args.num_latent_train, loglik_samples=args.num_samples, batch_size=args.batch,
                        progress=False, metrics=(metric,), num_joint=len(test))
         wall = time.perf_counter() - t
         out[metric] = {"seconds": wall, "examples_per_s": len(test) / wall, "evaluate_time": res.get("time", {})}

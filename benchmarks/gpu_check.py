@@ -360,7 +360,7 @@ def evaluation_full(args, state: dict, budget: Budget) -> dict:
     _, test_ds, _ = state["data"]
     target = min(args.full_eval, len(test_ds))
     probe_n = min(args.probe_eval, target)
-    full = dict(num_samples=args.loglik_samples)
+    full = dict(loglik_samples=args.loglik_samples)
     probe, probe_s = _evaluate(args, state, "latent,coherence,loglik", probe_n, **full)
     projected = probe_s * target / probe_n
     out = {"metrics": "latent,coherence,loglik", "loglik_samples": args.loglik_samples, "subsets": "all",

@@ -90,9 +90,12 @@ def main_eval(argv=None) -> int:
         p.add_argument("--use_prev", type=lambda s: coerce_option("resume", s), default=False, metavar="true|false",
                        help="evaluate checkpoint.prev.pt (when checkpoint.pt is damaged) into "
                             "results.prev_epoch<N>.json")
+        p.add_argument("--results_file", default=None, metavar="NAME.json",
+                       help="write this file in the run's folder instead of results.json (e.g. results.gmm.json with "
+                            "--latent_sampler gmm: the run's own results stay)")
         args = vars(p.parse_args(argv))
         out_dir, device, use_prev = args.pop("out_dir"), args.pop("device", "auto"), args.pop("use_prev")
-        evaluate_saved(out_dir, device=device, use_prev=use_prev, **args)
+        evaluate_saved(out_dir, device=device, use_prev=use_prev, results_file=args.pop("results_file"), **args)
     return _cli("mopoe-eval", body)
 
 # %% ../nbs/07h_cli.ipynb #c011

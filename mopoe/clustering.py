@@ -12,7 +12,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from .evaluate import EvalContext, Metric, register_metric
+from .cmvae import predict_clusters, prune_clusters
+from .metric import EvalContext, Metric, register_metric, take_subset
 
 # %% ../nbs/08b_clustering.ipynb #c005
 def cluster_accuracy(labels, clusters) -> float:
@@ -40,31 +41,43 @@ class Clustering(Metric):
     "NMI, ARI, Hungarian accuracy vs the labels: k-means on each modality's and the joint representation; own clusters."
     name = "clustering"
 
-    def __init__(self, clustering_k: int | None = None, n_init: int = 10):
+    def __init__(self, clustering_k: int | None = None, n_init: int = 10, prune_samples: int = 2000):
         k = clustering_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, float)) or int(k) != k or k < 2):
             raise ValueError(f"clustering_k (k-means clusters) must be an integer >= 2 or None, got {clustering_k!r}")
         if isinstance(n_init, bool) or int(n_init) != n_init or n_init < 1:
             raise ValueError(f"n_init (k-means restarts) must be a positive integer, got {n_init!r}")
-        self.clustering_k, self.n_init = clustering_k, int(n_init)
+        if isinstance(prune_samples, bool) or int(prune_samples) != prune_samples or prune_samples < 0:
+            raise ValueError(f"prune_samples (training tuples that prune own clusters; 0: no pruning) must be a whole "
+                             f"number >= 0, got {prune_samples!r}")
+        self.clustering_k, self.n_init, self.prune_samples = clustering_k, int(n_init), int(prune_samples)
 
-    def settings(self): return {"clustering_k": self.clustering_k, "clustering_n_init": self.n_init}
+    def settings(self):
+        return {"clustering_k": self.clustering_k, "clustering_n_init": self.n_init,
+                "clustering_prune_samples": self.prune_samples}
+
+    def _prune(self, ctx: EvalContext):
+        "Prune the objective's own clusters on training tuples, as its authors do (`end` restores the model's choice)."
+        obj = ctx.model.objective
+        self.active = obj.cluster_active.clone()
+        if not self.prune_samples or ctx.train_ds is None or len(ctx.train_ds) == 0: return None
+        prune_clusters(ctx.model, take_subset(ctx.train_ds, self.prune_samples, ctx.seed), batch_size=ctx.batch_size)
+        return int(obj.cluster_active.sum())
 
     def begin(self, ctx: EvalContext):
         self.skip = ctx.multilabel
         self.keys = [n for n in ctx.names if ctx.sizes[n] == 1] + [ctx.names[-1]]     # each modality, then all
         self.rows = [ctx.names.index(n) for n in self.keys]
-        self.own = callable(getattr(ctx.model.objective, "cluster_posterior", None))
+        self.own = not self.skip and callable(getattr(ctx.model.objective, "cluster_posterior", None))
         self.Z, self.y, self.c = {n: [] for n in self.keys}, [], []
+        self.kept = self._prune(ctx) if self.own else None
 
     def batch(self, ctx: EvalContext, x, y, experts):
         if self.skip: return
         Z = ctx.model.subset_means(x, experts=experts)                                   # (S, B, D)
         for n, r in zip(self.keys, self.rows, strict=True): self.Z[n].append(Z[r].float().cpu())
         self.y.append(y.cpu())
-        if self.own:
-            from mopoe.cmvae import predict_clusters
-            self.c.append(predict_clusters(ctx.model, x, experts=experts)[0].cpu())
+        if self.own: self.c.append(predict_clusters(ctx.model, x, experts=experts)[0].cpu())
 
     def end(self, ctx: EvalContext) -> dict:
         if self.skip: return {"note": "multi-label data: no partition to compare clusters with"}
@@ -75,5 +88,8 @@ class Clustering(Metric):
             Z = torch.cat(self.Z[n]).numpy().astype(np.float64)
             km = KMeans(n_clusters=min(k, len(Z)), n_init=self.n_init, random_state=ctx.seed + i).fit(Z)
             out["kmeans"][n] = clustering_scores(y, km.labels_)
-        if self.own: out["own"] = clustering_scores(y, torch.cat(self.c).numpy())
+        if self.own:
+            out["own"] = {**clustering_scores(y, torch.cat(self.c).numpy()), "pruned_to": self.kept,
+                          "of": int(len(self.active))}
+            ctx.model.objective.cluster_active.copy_(self.active)                # the model leaves as it came
         return out

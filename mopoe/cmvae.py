@@ -14,8 +14,8 @@ from fastcore.basics import patch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .experts import rsample
-from .mmvaeplus import MMVAEPlus, log_density, standard_noise
+from .experts import rsample, standard_noise
+from .mmvaeplus import MMVAEPlus, log_density
 from .objectives import register_objective
 
 # %% ../nbs/02f_cmvae.ipynb #c005
@@ -64,7 +64,7 @@ def cluster_log_joint(self: CMVAE, z: Tensor) -> Tensor:
     return lpc + log_density(z[None], means, torch.ones((), dtype=z.dtype, device=z.device), self.family)
 
 @patch
-def log_prior_z(self: CMVAE, z: Tensor) -> Tensor:
+def prior_log_prob(self: CMVAE, z: Tensor) -> Tensor:
     "log p(z) = log sum_c pi_c p(z | c) of latents (..., D): (...,)."
     return torch.logsumexp(self.cluster_log_joint(z), 0)
 
@@ -75,13 +75,13 @@ def cluster_posterior(self: CMVAE, z: Tensor) -> Tensor:
 
 # %% ../nbs/02f_cmvae.ipynb #c008
 @patch
-def prior_sample(self: CMVAE, n: int, like: Tensor | None = None) -> Tensor:
+def prior_sample(self: CMVAE, model, n: int) -> Tensor:
     "n latents (n, D) from the mixture prior: c ~ pi (active clusters), z ~ p(z | c)."
-    like = self.cluster_means if like is None else like
+    self.check_model(model)
     logits = torch.where(self.cluster_active, self.cluster_logits.detach(), torch.full((), -math.inf))
-    c = torch.distributions.Categorical(logits=logits.float()).sample((n,))
-    means = self.cluster_means.detach()[c].to(like.dtype)
-    return means + standard_noise(tuple(means.shape), self.family, like)
+    c = torch.distributions.Categorical(logits=logits.float()).sample((int(n),))
+    means = self.cluster_means.detach()[c]
+    return means + standard_noise(tuple(means.shape), self.family, means)
 
 # %% ../nbs/02f_cmvae.ipynb #c012
 @patch
@@ -134,7 +134,7 @@ def prune_clusters(model, dataset, beta: float = 1.0, batch_size: int = 256, sam
             mass += torch.bincount(clusters, minlength=len(mass)).to(mass.dtype)
             zero = torch.zeros((), dtype=post.dtype, device=post.device)
             ent = -torch.where(post > 0, post * post.log(), zero).sum(0)                 # (M, B)
-            per_tuple = beta * (ent / math.log(n)).mean(0) - (obj.log_prior_z(z) / z.shape[-1]).mean(0)   # (B,)
+            per_tuple = beta * (ent / math.log(n)).mean(0) - (obj.prior_log_prob(z) / z.shape[-1]).mean(0)   # (B,)
             h, count = h + per_tuple.sum().item(), count + len(per_tuple)
         scores[n], states[n] = h / count, obj.cluster_active.clone()
         mass[~obj.cluster_active] = math.inf

@@ -29,6 +29,7 @@ from .loggers import LOGGERS, check_loggers
 from .metric import METRICS
 from .objectives import KL_ESTIMATORS, OBJECTIVES
 from .plugins import load_plugins, plugin_names
+from .samplers import SAMPLERS
 
 SOURCES = tuple(dict.fromkeys(s for v in DATA_SOURCES.values() for s in v))
 ENCODER_INITS = ("auto", "he_leaky", "paper")
@@ -184,6 +185,9 @@ class TrainConfig:
     fid_protocol: str = option("tensor", "FID's image path: tensor (float tensors into pytorch-fid's Inception) or png (every image "
                                "quantised to 8 bits exactly as a PNG round trip does: the MoPoE and MMVAE+ authors' path)",
                                ("tensor", "png"), roles="resumable later eval")
+    latent_sampler: str = option("prior", "where unconditional samples' latents come from (joint coherence, prior FID): prior "
+                                 "(the objective's p(z)) or gmm (a Gaussian mixture fitted on the training encodings)",
+                                 tuple(SAMPLERS), roles="resumable later eval")
     plugins: str = option("", "modules to import first, a comma list of Python module names: your objectives, metrics, "
                               "datasets or loggers (installed mopoe.plugins entry points load by themselves)",
                           roles="resumable unkeyed later eval")

@@ -256,12 +256,14 @@ def _by_size_coherence(cond: dict, givens: dict, modalities: list) -> dict:
 
 # %% ../nbs/08_evaluate.ipynb #c044
 @torch.no_grad()
-def joint_coherence(model, classifiers: dict, n: int, multilabel: bool = False, batch_size: int = 256) -> dict:
-    "Fraction of `n` prior samples whose modalities are all classified alike (multilabel: attribute agreement)."
-    agree, total, mods = 0.0, 0, list(model.modalities)
+def joint_coherence(model, classifiers: dict, n: int, multilabel: bool = False, batch_size: int = 256,
+                    generate=None) -> dict:
+    ("Fraction of `n` unconditional samples (`generate(b)`, default the model's prior) whose modalities are all "
+     "classified alike (multilabel: attribute agreement).")
+    agree, total, mods, generate = 0.0, 0, list(model.modalities), generate or model.generate
     while total < n:
         b = min(batch_size, n - total)
-        gen = model.generate(b)
+        gen = generate(b)
         logits = torch.stack([classifiers[m](gen[m]).float() for m in mods])      # (M, b, C)
         if multilabel: agree += ((logits > 0) == (logits[:1] > 0)).all(0).float().mean(1).sum().item()
         else:
@@ -281,7 +283,7 @@ class Coherence(Metric):
     def begin(self, ctx):
         S, M = len(ctx.names), len(ctx.modalities)
         n_joint = len(ctx.test_ds) if self.num_joint is None else int(self.num_joint)
-        self.joint = joint_coherence(ctx.model, ctx.classifiers, n_joint, ctx.multilabel, ctx.batch_size)
+        self.joint = joint_coherence(ctx.model, ctx.classifiers, n_joint, ctx.multilabel, ctx.batch_size, ctx.generate)
         ctx.n["joint"] = n_joint
         self.correct, self.gen_scores = torch.zeros(S, M, dtype=torch.float64), [[[] for _ in range(M)] for _ in range(S)]
         self.real_correct, self.real_scores = torch.zeros(M, dtype=torch.float64), [[] for _ in range(M)]
@@ -330,9 +332,9 @@ class LogLikelihood(Metric):
     name, config_options = "loglik", ("loglik_samples", "loglik_max_test")
     def __init__(self, loglik_samples: int = 15, loglik_max_test: int | None = None, loglik_decode_batch: int | None = None):
         if int(loglik_samples) < 1: raise ValueError(f"loglik_samples must be at least 1, got {loglik_samples}")
-        if loglik_max_test is not None and int(loglik_max_test) < 1: raise ValueError(f"max_test_loglik must be at least 1, got {loglik_max_test}")
+        if loglik_max_test is not None and int(loglik_max_test) < 1: raise ValueError(f"loglik_max_test must be at least 1, got {loglik_max_test}")
         self.loglik_samples, self.loglik_max_test, self.loglik_decode_batch = int(loglik_samples), loglik_max_test, loglik_decode_batch
-    def settings(self): return {"num_samples": self.loglik_samples, "max_test_loglik": self.loglik_max_test}
+    def settings(self): return {"loglik_samples": self.loglik_samples, "loglik_max_test": self.loglik_max_test}
 
     def begin(self, ctx):
         N = len(ctx.test_ds)

@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['MAX_MODALITIES', 'LOGVAR_MIN', 'LOGVAR_MAX', 'LOGVAR_LEAK', 'PRIOR_EXPERT', 'FAMILIES', 'SAMPLING', 'subset_mask',
            'subset_names', 'subsets_within', 'allowed_subsets', 'bounded_logvar', 'precisions', 'prior_flags',
-           'check_subsets', 'float32_fusion', 'poe', 'poe_rows', 'component_dist', 'rsample', 'gaussian',
-           'mean_subset_kl', 'gaussian_kl', 'sampled_subset_kl', 'component_ids', 'MixtureOfProducts']
+           'check_subsets', 'float32_fusion', 'poe', 'poe_rows', 'component_dist', 'rsample', 'standard_noise',
+           'standard_log_prob', 'gaussian', 'mean_subset_kl', 'gaussian_kl', 'sampled_subset_kl', 'component_ids',
+           'MixtureOfProducts']
 
 # %% ../nbs/01_experts.ipynb #c002
 import functools
@@ -154,6 +155,20 @@ def rsample(mu: Tensor, logvar: Tensor, family: str = "gaussian", sample_shape=(
     "Reparameterised sample (*sample_shape, ..., B, D) of `component_dist(mu, logvar, family)`."
     return component_dist(mu, logvar, family).rsample(sample_shape)
 
+def standard_noise(shape, family: str, like: Tensor) -> Tensor:
+    "Draws of the family's standard distribution (N(0, 1) or Laplace(0, 1)) of `shape`, with `like`'s dtype and device."
+    if family not in FAMILIES: raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family == "gaussian": return torch.randn(shape, dtype=like.dtype, device=like.device)
+    e = torch.empty(shape, dtype=like.dtype, device=like.device).exponential_()
+    return torch.where(torch.rand(shape, device=like.device) < 0.5, -e, e)
+
+def standard_log_prob(z: Tensor, family: str = "gaussian") -> Tensor:
+    "log density of z (..., D) under the family's standard distribution, N(0, I) or Laplace(0, 1) per dim: (...,)."
+    if family not in FAMILIES: raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    # closed forms: no host read of a scalar
+    if family == "gaussian": return (-0.5 * z.square() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return (-z.abs() - math.log(2.0)).sum(-1)
+
 def gaussian(mu: Tensor, logvar: Tensor) -> Independent:
     "A diagonal Gaussian as a torch distribution with event shape (D,)."
     return component_dist(mu, logvar, "gaussian")
@@ -279,11 +294,13 @@ def _allowed_ids(allowed: Tensor, strategy: str) -> Tensor:
 # %% ../nbs/01_experts.ipynb #c023b
 class MixtureOfProducts:
     ("Uniform mixture over the rows of `mask` (K, M) of the product of the experts mu, logvar (M, B, D) (Gaussian or "
-     "single Laplace experts).")
+     "single Laplace experts); `fuse(mu, logvar, mask, prior)` -> (K, B, D) twice replaces the product (CoDE-VAE).")
     def __init__(self, mu: Tensor, logvar: Tensor, mask: Tensor, prior_expert: str = "full", family: str = "gaussian",
-                 check: bool = True):
+                 check: bool = True, fuse=None):
         if family not in FAMILIES: raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-        self.mu, self.logvar, self.mask, self.family = mu, logvar, mask, family
+        if fuse is not None and family != "gaussian":
+            raise ValueError(f"a fusion other than the product needs Gaussian experts; this mixture is {family}")
+        self.mu, self.logvar, self.mask, self.family, self.fuse = mu, logvar, mask, family, fuse
         self.prior = prior_flags(mask, prior_expert)
         _check_experts(mu, logvar, mask, self.prior, check)
         if family != "gaussian":
@@ -299,6 +316,7 @@ class MixtureOfProducts:
     def components(self):
         "Means and log-variances (the family's second parameter) of every component: (K, B, D) each."
         if self.family != "gaussian": return self.mu[self.expert], self.logvar[self.expert]
+        if self.fuse is not None: return self.fuse(self.mu, self.logvar, self.mask, self.prior)
         return poe(self.mu, self.logvar, self.mask, self.prior, check=False)
 
     @property
@@ -324,6 +342,9 @@ class MixtureOfProducts:
         if self.family != "gaussian":
             e = self.expert[ids]
             return self.mu[e, rows], self.logvar[e, rows]
+        if self.fuse is not None:
+            cmu, clv = self.components()                                             # (K, B, D)
+            return cmu[ids, rows], clv[ids, rows]
         return poe_rows(self.mu[:, rows], self.logvar[:, rows], self.mask[ids], self.prior[ids], check=False)
 
     def log_prob(self, z: Tensor) -> Tensor:
@@ -336,4 +357,5 @@ class MixtureOfProducts:
         "Average over components of KL(component || N(0, I)): (B,) (Gaussian family only)."
         if self.family != "gaussian":
             raise ValueError(f"mean_kl is the closed-form Gaussian KL; this mixture is {self.family}")
+        if self.fuse is not None: return gaussian_kl(*self.components()).mean(0)
         return mean_subset_kl(self.mu, self.logvar, self.mask, self.prior, check=False)

@@ -347,11 +347,11 @@ class _ImageBatches:
     def __iter__(self): return (self.images(x[self.m]) for x, _ in seeded_loader(self.ds, self.batch_size))
 
 # %% ../nbs/10_fid.ipynb #f052
-def _prior_features(model, n: int, batch_size: int, targets: list, features) -> dict:
-    "{target: (n, d) features of n prior samples}, all targets decoded from the same latents."
+def _prior_features(generate, n: int, batch_size: int, targets: list, features) -> dict:
+    "{target: (n, d) features of n unconditional samples `generate(b)`}, all targets decoded from the same latents."
     out = {t: [] for t in targets}
     for i in range(0, n, batch_size):
-        gen = model.generate(min(batch_size, n - i))
+        gen = generate(min(batch_size, n - i))
         for t in targets: out[t].append(features(gen[t]).float().cpu())
     return {t: torch.cat(v) for t, v in out.items()}
 
@@ -411,7 +411,7 @@ class FID(Metric):
         for t in self.targets:
             self.ref[t], self.ref_info[t] = reference_features(self.ext, _ImageBatches(first, t, self.batch_size, self._images), self.prov["sha256"],
                                                                cache, tag=f"{info.name}_{t}", device=ctx.device)
-        self.prior = _prior_features(ctx.model, self.n, ctx.batch_size, self.targets, self._features)
+        self.prior = _prior_features(ctx.generate, self.n, ctx.batch_size, self.targets, self._features)
         self.sources = fid_sources(mods, self.targets, self.all_subsets)
         self.moments = {s: {t: FeatureMoments() for t in ts} for s, (_, ts) in self.sources.items()}
         self.seen = 0

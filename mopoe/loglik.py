@@ -12,11 +12,14 @@ import torch
 from fastcore.basics import patch
 from torch import Tensor
 
-from .experts import MixtureOfProducts, component_dist, rsample, subset_mask
+from .experts import MixtureOfProducts, component_dist, rsample, standard_log_prob, subset_mask
 
 # %% ../nbs/04a_loglik.ipynb #l004
 class LogLikelihoods:
     "The importance-sampled log-likelihoods of a `MultimodalVAE` (one of its base classes)."
+    def mixture(self, mu: Tensor, lv: Tensor, mask: Tensor, check: bool = True) -> MixtureOfProducts:
+        "The mixture over the subsets in `mask` of these experts, fused as the objective trains (PoE, or its `fuse`)."
+        return MixtureOfProducts(mu, lv, mask, self.prior_expert, self.objective.family, check, self.objective.fuse)
 
 # %% ../nbs/04a_loglik.ipynb #c020
 LOGLIK_PROPOSALS = ("posterior", "training_mixture", "selected_component")
@@ -80,13 +83,13 @@ def log_px_given(self: LogLikelihoods, x: dict, z: Tensor, w: dict, rows: int | 
 def importance_log_px(self: LogLikelihoods, x: dict, z: Tensor, log_q: Tensor, private: dict, seen: Tensor,
                       decode_rows: int | None = None) -> Tensor:
     "log (1/K) sum_k p(X, z_k, w_k) / q(z_k, w_k) per proposal and row (P, B), for z (P, K, B, D), log q(z) (P, K, B)."
-    log_w, family = self.objective.prior_log_prob(z) - log_q, self.objective.family
+    log_w, family = self.objective.prior_log_prob(z) - log_q, self.objective.family    # p(z): the objective's prior
     col, w = {m: i for i, m in enumerate(self.modalities)}, {}
     for m, (pm, pl) in private.items():                       # private codes: the posterior's where the proposal saw m
         on = seen[:, col[m], None, None]                        # (P, 1, 1); else the objective's prior draw (ratio 1)
         post = rsample(pm, pl, family, z.shape[:2])             # (P, K, B, Dp)
         w[m] = torch.where(on[..., None], post, self.objective.private_prior_sample(self, m, z.shape[:-1], z))
-        ratio = self.objective.prior_log_prob(post) - component_dist(pm, pl, family).log_prob(post)
+        ratio = standard_log_prob(post, family) - component_dist(pm, pl, family).log_prob(post)   # p(w): standard
         log_w = log_w + torch.where(on, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
     return torch.logsumexp(log_w + self.log_px_given(x, z, w, decode_rows), 1) - math.log(z.shape[1])
 
@@ -95,7 +98,7 @@ def importance_log_px(self: LogLikelihoods, x: dict, z: Tensor, log_q: Tensor, p
 def sample_proposals(self: LogLikelihoods, mu: Tensor, lv: Tensor, plan: dict, num_samples: int):
     "z (P, K, B, D) from each proposal's mixture of `plan` (a uniform component, then its draw) and log q(z) (P, K, B)."
     family, K, B = self.objective.family, num_samples, mu.shape[1]
-    q = MixtureOfProducts(mu, lv, plan["U"], self.prior_expert, family, check=False)     # rows checked in the plan
+    q = self.mixture(mu, lv, plan["U"], check=False)                                    # rows checked in the plan
     cmu, clv = q.components()                                                            # (C, B, D) each component once
     count = plan["count"][:, None, None]
     pick = torch.minimum((torch.rand(len(count), K, B, device=mu.device) * count).long(), count - 1)  # one per sample
@@ -146,7 +149,7 @@ def log_likelihood(self: LogLikelihoods, x: dict, given=None, num_samples: int =
     x, _ = self.prepare(x, require_all=True)
     mu, lv, _, private = self.encode(x) if experts is None else experts
     given, family = _given_names(self, given), self.objective.family
-    q = MixtureOfProducts(mu, lv, self.components(self.present(given)), self.prior_expert, family)
+    q = self.mixture(mu, lv, self.components(self.present(given)))
     # contiguous blocks of rows per component, as theirs
     cmu, clv = q.rows((torch.arange(mu.shape[1], device=mu.device) * q.num_components) // mu.shape[1])
     z = rsample(cmu, clv, family, (num_samples,))                                                        # (K, B, D)

@@ -113,6 +113,7 @@ class EvalContext:
     batch_size: int = 256
     progress: bool = False
     result: dict = field(default_factory=dict)
+    latent_sampler: object | None = None    # where unconditional latents come from (None: the objective's prior)
 
     def __post_init__(self):
         self.modalities = list(self.model.modalities)
@@ -126,6 +127,22 @@ class EvalContext:
 
     @property
     def n(self) -> dict: return self.result["n"]       # example counts; a metric adds its own ("joint", "loglik", ...)
+
+    def generate(self, n: int) -> dict:
+        ("n unconditional samples of every modality: latents from `latent_sampler` (fitted once, on `train_ds`) or "
+         "p(z), drawn from a stream of their own – the sampler changes no other number of the pass.")
+        s = self.latent_sampler
+        if s is not None and not getattr(s, "fitted", True):
+            s.fit(self.model, self.train_ds, device=self.device, seed=self.seed)
+        self._draws = getattr(self, "_draws", 0) + 1
+        with fork_rng(self.device):
+            torch.manual_seed(1_000_003 * (self.seed + 1) + self._draws)        # call k of the pass: its own seed
+            return self.model.generate(n) if s is None else self.model.generate(n, s)
+
+    def sampler_settings(self) -> dict:
+        "What produced the unconditional samples, for the result's settings."
+        s = self.latent_sampler
+        return {"sampler": "prior"} if s is None else s.settings()
 
 # %% ../nbs/08a_metric.ipynb #c021
 class Metric:
@@ -198,13 +215,14 @@ def resolve_metrics(metrics, options: dict) -> list:
 
 # %% ../nbs/08a_metric.ipynb #c028
 def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict | None = None,
-             num_latent_train: int = 500, num_samples: int = 15, batch_size: int = 256, max_test: int | None = None,
+             num_latent_train: int = 500, loglik_samples: int = 15, batch_size: int = 256, max_test: int | None = None,
              device=None, progress: bool = True, metrics=DEFAULT_METRICS, num_joint: int | None = None,
-             max_test_loglik: int | None = None, loglik_decode_batch: int = 256, seed: int = 0) -> dict:
+             loglik_max_test: int | None = None, loglik_decode_batch: int = 256, seed: int = 0,
+             latent_sampler=None) -> dict:
     "The `metrics` (names or `Metric` instances) of every subset in one pass over the test set: a JSON-ready dict."
     t_start = time.perf_counter()
     metrics = resolve_metrics(metrics, dict(num_latent_train=num_latent_train, num_joint=num_joint,
-                                             loglik_samples=num_samples, loglik_max_test=max_test_loglik,
+                                             loglik_samples=loglik_samples, loglik_max_test=loglik_max_test,
                                              loglik_decode_batch=loglik_decode_batch))
     mods = list(model.modalities)
     if set(mods) != set(info.modalities):
@@ -219,12 +237,11 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
     device = device_of(model) if device is None else device
     test = take_subset(test_ds, max_test, seed + 1, shuffle=True)
     if len(test) == 0: raise ValueError("the test set is empty")
-    settings = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed,
-                "num_latent_train": num_latent_train, "max_test": max_test, "max_test_loglik": max_test_loglik}
+    settings = {"batch_size": batch_size, "seed": seed, "num_latent_train": num_latent_train, "max_test": max_test}
     for m in metrics: settings.update(m.settings())
     res = {"dataset": info.name, "modalities": mods, "subsets": None, "subset_sizes": None, "metric": score_name(info),
            "n": {"test": len(test)}, "metrics": [m.name for m in metrics], "settings": settings}
-    ctx = EvalContext(model, train_ds, test, info, classifiers, device, seed, batch_size, progress, res)
+    ctx = EvalContext(model, train_ds, test, info, classifiers, device, seed, batch_size, progress, res, latent_sampler)
     res.update(subsets=ctx.names, subset_sizes=ctx.sizes)
     T = {"encode": 0.0, **dict.fromkeys(DEFAULT_METRICS, 0.0), **dict.fromkeys(res["metrics"], 0.0)}
     def hook(m, name, *args):
@@ -242,6 +259,7 @@ def evaluate(model, train_ds: Dataset, test_ds: Dataset, info, classifiers: dict
             T["encode"] += time.perf_counter() - t
             for m in metrics: hook(m, "batch", x, y, ex)
         for m in metrics: res[m.name] = hook(m, "end")
+    settings["latent_sampler"] = ctx.sampler_settings()                  # after the pass: a fitted sampler says on what
     T["total"] = time.perf_counter() - t_start
     T["other"] = T["total"] - sum(v for k, v in T.items() if k != "total")
     res["time"] = {k: round(v, 4) for k, v in T.items()}

@@ -17,9 +17,8 @@ from mopoe.experts import (
     MixtureOfProducts,
     check_subsets,
     gaussian_kl,
-    poe,
-    prior_flags,
     rsample,
+    standard_noise,
     subset_mask,
     subsets_within,
 )
@@ -231,7 +230,7 @@ def components(self: MultimodalVAE, present: Tensor) -> Tensor:
 def posterior(self: MultimodalVAE, x: dict) -> MixtureOfProducts:
     "q(z | the modalities in x): the model's own posterior for that subset."
     mu, lv, present, _ = self.experts(x)
-    return MixtureOfProducts(mu, lv, self.components(present), self.prior_expert, self.objective.family)
+    return self.mixture(mu, lv, self.components(present))
 
 # %% ../nbs/04_model.ipynb #c012c_2
 @patch
@@ -239,7 +238,7 @@ def joint_posterior(self: MultimodalVAE, x: dict) -> MixtureOfProducts:
     "The training posterior: the mixture over the objective's subsets (needs every modality)."
     self.check_batch(x, require_all=True)
     mu, lv, _, _ = self.experts(x)
-    return MixtureOfProducts(mu, lv, self.subsets, self.prior_expert, self.objective.family)
+    return self.mixture(mu, lv, self.subsets)
 
 # %% ../nbs/04_model.ipynb #c014
 @patch
@@ -267,9 +266,8 @@ def subset_means(self: MultimodalVAE, x: dict, mask: Tensor | None = None, exper
     A = self.component_weights(mask).to(mu.device)                                       # (S, 2^M-1)
     used = A.any(0)
     allm = subset_mask(self.num_modalities).to(mu.device)[used]
-    # the used subsets' means (U, B, D): products of experts, or single experts (the other families)
-    if self.objective.family == "gaussian": means, _ = poe(mu, lv, allm, prior_flags(allm, self.prior_expert))
-    else: means = MixtureOfProducts(mu, lv, allm, self.prior_expert, self.objective.family).components()[0]
+    # the used subsets' means (U, B, D): products of experts, single experts (other families) or the objective's fusion
+    means = self.mixture(mu, lv, allm).components()[0]
     if self.objective.representation == "one_expert_per_row":                           # the authors' MMVAE
         B = mu.shape[1]
         key = (mask.cpu().numpy().tobytes(), B, str(mu.device))
@@ -370,12 +368,15 @@ def forward(self: MultimodalVAE, x: dict, beta=1.0, observed: Tensor | None = No
 # %% ../nbs/04_model.ipynb #c018
 @patch
 @torch.no_grad()
-def generate(self: MultimodalVAE, n: int) -> dict:
-    "Unconditional samples {m: (n, *shape)}: z from the prior, every modality decoded (likelihood means)."
+def generate(self: MultimodalVAE, n: int, sampler=None) -> dict:
+    ("Unconditional samples {m: (n, *shape)}: z from the objective's prior (or `sampler.sample(n)`), w from p(w), "
+     "every modality decoded (likelihood means).")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"generate(n): n is the number of samples, a positive integer; got {n!r}")
-    z = torch.randn(int(n), self.latent_dim, device=self.subsets.device)
-    w = ({m: torch.randn(int(n), self.private_dim, device=z.device) for m in self.modalities}   # p(w)
+    z = self.objective.prior_sample(self, n) if sampler is None else sampler.sample(int(n))
+    if tuple(z.shape) != (int(n), self.latent_dim):
+        raise ValueError(f"the latent sampler gave shape {tuple(z.shape)}, not ({int(n)}, {self.latent_dim})")
+    w = ({m: standard_noise((int(n), self.private_dim), self.objective.family, z) for m in self.modalities}   # p(w)
          if self.private_dim else None)
     return {m: self.likelihoods[m].mean(p) for m, p in self.decode(z, w).items()}
 
@@ -393,7 +394,7 @@ def cond_generate(self: MultimodalVAE, x: dict, num_samples: int | None = None, 
             raise ValueError(f"given must name some of the modalities the batch holds, {held}; got {given}")
         present = self.present(given)
         private = {m: v for m, v in private.items() if m in given}
-    q = MixtureOfProducts(mu, lv, self.components(present), self.prior_expert, self.objective.family)
+    q = self.mixture(mu, lv, self.components(present))
     z = q.rsample(() if num_samples is None else (num_samples,), strategy="stratified")
     params = self.decode(z, self.sample_private(private, z.shape[:-1]))
     return {m: self.likelihoods[m].mean(p) for m, p in params.items()}

@@ -9,7 +9,6 @@ __all__ = ['KL_ESTIMATORS', 'AUTO_KL_MAX_SUBSETS', 'KL_SAMPLES', 'OBJECTIVES', '
 
 # %% ../nbs/02_objectives.ipynb #c002
 import inspect
-import math
 from typing import Callable
 
 import torch
@@ -31,6 +30,8 @@ from mopoe.experts import (
     prior_flags,
     rsample,
     sampled_subset_kl,
+    standard_log_prob,
+    standard_noise,
     subset_mask,
 )
 from .plugins import load_plugins
@@ -69,6 +70,7 @@ class Objective(nn.Module):
     family = "gaussian"                                                  # the posteriors' family (`component_dist`)
     private_kl_weight = 1.0                                              # times the private latents' KL enters the loss
     needs_private = False                                                # True: only with modality-specific latents
+    fuse = None                                                          # None: a subset's experts combine by PoE
 
     def __init__(self, prior_expert: str = "auto", kl: str = "auto", sampling: str = "stratified",
                  kl_samples: int = KL_SAMPLES):
@@ -156,10 +158,13 @@ def private_prior_sample(self: Objective, model, modality: str, lead_shape, like
 
 @patch
 def prior_log_prob(self: Objective, z: Tensor) -> Tensor:
-    "log p(z) of latents (..., D) under the fixed prior: standard Gaussian (standard Laplace for that family): (...,)."
-    # closed forms: no host read of a scalar
-    if self.family == "gaussian": return (-0.5 * z.square() - 0.5 * math.log(2 * math.pi)).sum(-1)
-    return (-z.abs() - math.log(2.0)).sum(-1)
+    "log p(z) of shared latents (..., D) -> (...,): the family's standard prior (CMVAE's learned prior overrides it)."
+    return standard_log_prob(z, self.family)
+
+@patch
+def prior_sample(self: Objective, model, n: int) -> Tensor:
+    "n shared latents (n, D) from p(z), on the model's device: the family's standard distribution (CMVAE overrides it)."
+    return standard_noise((int(n), model.latent_dim), self.family, torch.empty((), device=model.subsets.device))
 
 # %% ../nbs/02_objectives.ipynb #c005l
 OBJECTIVES: dict = {}                                                    # name -> Objective subclass

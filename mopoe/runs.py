@@ -26,6 +26,7 @@ from .io import atomic_write
 from .released import load_released_classifiers
 from .metric import METRICS, evaluate
 from .model import MultimodalVAE
+from .samplers import get_sampler
 from .trainer import fit_run
 
 # %% ../nbs/07g_runs.ipynb #c005
@@ -56,7 +57,7 @@ def _evaluate_and_write(cfg, model, history, data, device, progress, written_by,
                                         seed=cfg.seed, test_ds=test_ds, device=device, progress=bars)
         if progress: print(classifiers, flush=True)
     metrics = evaluate(model, train_ds, test_ds, info, classifiers, metrics=metric_list, max_test=cfg.eval_max_test, device=device,
-                       seed=cfg.seed, progress=bars)
+                       seed=cfg.seed, progress=bars, latent_sampler=get_sampler(cfg.latent_sampler))
     label = stand_in_label(cfg, info)
     results = {"config": asdict(cfg), "config_key": config_key(cfg),
                "data": {"name": info.name, "source": getattr(info, "source", cfg.source), "stand_in": bool(label),
@@ -126,8 +127,14 @@ def load_run(out_dir, device: str = "cpu", use_prev: bool = False, data_dir: str
     return SavedRun(model.to(pick_device(device)).eval(), cfg, info, state)
 
 # %% ../nbs/07g_runs.ipynb #c013
-def evaluate_saved(out_dir, device: str = "auto", data=None, progress: bool = True, use_prev: bool = False, **overrides) -> dict:
-    "Evaluate a saved run (evaluation options and data_dir may be overridden) and write its results file."
+def evaluate_saved(out_dir, device: str = "auto", data=None, progress: bool = True, use_prev: bool = False,
+                   results_file: str | None = None, **overrides) -> dict:
+    ("Evaluate a saved run (evaluation options and data_dir may be overridden) and write its results file "
+     "(`results_file`, a file name in the run's folder: default results.json).")
+    if results_file is not None and (Path(results_file).name != results_file or not results_file.endswith(".json")
+                                     or results_file.startswith(".")):
+        raise ValueError(f"results_file must be a plain file name ending in .json (written into the run's folder), "
+                         f"got {results_file!r}")
     t_start = time.time()
     with folder_lock(out_dir):
         model, cfg, info, state = load_run(out_dir, device, use_prev, overrides.get("data_dir"))
@@ -135,7 +142,7 @@ def evaluate_saved(out_dir, device: str = "auto", data=None, progress: bool = Tr
         if data is None: data = build_data(cfg)
         if info_dict(data[2]).get("modalities") != state["info"].get("modalities"):
             raise ValueError(f"the data built for {out_dir} has modalities {list(data[2].modalities)}, the saved model {state['info'].get('modalities')}")
-        name = f"results.prev_epoch{state['epoch']}.json" if use_prev else "results.json"
+        name = results_file or (f"results.prev_epoch{state['epoch']}.json" if use_prev else "results.json")
         return {"model": model, "config": cfg, **_evaluate_and_write(cfg, model, state["history"], data, pick_device(device), progress,
                                                                      "mopoe-eval", t_start, name, state["epoch"])}
 

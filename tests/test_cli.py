@@ -38,14 +38,21 @@ def test_help_explains_every_option(capsys):
 
 @pytest.mark.parametrize("model", OBJECTIVES)
 def test_every_model_trains_and_evaluates_through_run(model, data_dir, tmp_path):
-    "Every registered objective trains, evaluates and writes results.json through `run` (private latents if it needs)."
+    ("Every registered objective trains, evaluates (with the clustering metric and the gmm latent sampler) and writes "
+     "results.json through `run` (private latents if it needs).")
     from mopoe.objectives import OBJECTIVES as REG
     private = 4 if getattr(REG[model], "needs_private", False) else 0
     res = run(resolve_config(**TINY, objective=model, private_dim=private, data_dir=str(data_dir),
-                             out_dir=str(tmp_path)), progress=False)
+                             out_dir=str(tmp_path), metrics="latent,coherence,loglik,clustering", latent_sampler="gmm"),
+              progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(res["results"])) and saved["config"]["objective"] == model
     assert len(saved["metrics"]["latent"]["per_subset"]) == 7 and saved["data"]["sizes"] == {"train": 96, "test": 32}
+    m = saved["metrics"]
+    gmm = {"sampler": "gmm", "n_components": 10, "fit_samples": 5000, "fitted_on": 96}
+    assert m["settings"]["latent_sampler"] == gmm
+    assert 0 <= m["coherence"]["joint"] <= 1 and m["n"]["joint"] == 32
+    assert all(0 <= s["nmi"] <= 1 for s in m["clustering"]["kmeans"].values())
     assert (sorted(p.name for p in tmp_path.iterdir() if p.name != ".mopoe.lock")
             == ["checkpoint.pt", "metrics.jsonl", "results.json"])
 
@@ -86,14 +93,35 @@ def test_command_refuses_a_folder_that_holds_a_run(data_dir, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_mopoe_eval_with_the_gmm_sampler_writes_its_own_results_file(data_dir, tmp_path):
+    "mopoe-eval --latent_sampler gmm --results_file results.gmm.json: the run's results.json stays as it was."
+    out = tmp_path / "run"
+    run(resolve_config(**TINY, data_dir=str(data_dir), out_dir=str(out), metrics="coherence"), progress=False)
+    before = (out / "results.json").read_bytes()
+    prior = json.loads(before)["metrics"]
+    assert prior["settings"]["latent_sampler"] == {"sampler": "prior"}
+    assert main_eval([str(out), "--latent_sampler", "gmm", "--results_file", "results.gmm.json",
+                      "--data_dir", str(data_dir), "--device", "cpu"]) == 0
+    assert (out / "results.json").read_bytes() == before
+    gmm = json.loads((out / "results.gmm.json").read_text())
+    assert gmm["config"]["latent_sampler"] == "gmm" and gmm["written_by"] == "mopoe-eval"
+    assert gmm["metrics"]["settings"]["latent_sampler"]["sampler"] == "gmm"
+    assert gmm["metrics"]["coherence"]["conditional"] == prior["coherence"]["conditional"]   # no sampler there
+    assert 0 <= gmm["metrics"]["coherence"]["joint"] <= 1 and 0 <= prior["coherence"]["joint"] <= 1
+    for bad in ("../x.json", "results.txt", ".hidden.json"):
+        assert main_eval([str(out), "--results_file", bad, "--data_dir", str(data_dir)]) == 1
+    assert sorted(p.name for p in out.iterdir() if p.name != ".mopoe.lock") == [
+        "checkpoint.pt", "metrics.jsonl", "results.gmm.json", "results.json"]
+
+
 def test_reloaded_run_gives_identical_metrics(data_dir, tmp_path):
     res = run(resolve_config(**TINY, data_dir=str(data_dir), out_dir=str(tmp_path / "run")), progress=False)
     shutil.copytree(tmp_path / "run", tmp_path / "copy")                # a copied run folder reloads too
     model, cfg, info, _ = load_run(tmp_path / "copy")
     assert not model.training and cfg.epochs == 1 and list(info.modalities) == ["mnist", "svhn", "text"]
     train_ds, test_ds, _ = res["data"]
-    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], num_samples=cfg.loglik_samples,
-                     max_test=cfg.eval_max_test, max_test_loglik=cfg.loglik_max_test, seed=cfg.seed, progress=False)
+    again = evaluate(model, train_ds, test_ds, info, res["classifiers"], loglik_samples=cfg.loglik_samples,
+                     max_test=cfg.eval_max_test, loglik_max_test=cfg.loglik_max_test, seed=cfg.seed, progress=False)
     strip = lambda m: {k: v for k, v in m.items() if k != "time"}
     assert strip(again) == strip(res["metrics"])
     # the command evaluates the saved folder the same way (classifiers from the cache)

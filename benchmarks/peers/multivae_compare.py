@@ -571,7 +571,7 @@ def stage_quality(args, rep: Report):
         scored = {}
         for lib, m in (("mopoe", model.eval()), ("multivae", P.mopoe_view("mopoe", mv, model))):
             r = evaluate(m, train, test, info, clf, metrics=metrics, max_test=args.eval_max_test, seed=seed,
-                         max_test_loglik=args.loglik_max_test, num_latent_train=args.num_latent_train, progress=False)
+                         loglik_max_test=args.loglik_max_test, num_latent_train=args.num_latent_train, progress=False)
             scored[lib] = {"summary": summarize(r, M, args.fid), "n": r.get("n"), "time": r.get("time")}
         per_seed.append({"seed": seed, "train_seconds": t_train, "cpu_seconds": cpu_seconds() - c0,
                          "wall_seconds": time.perf_counter() - t0, "step_ms_in_training": speed, **scored,
