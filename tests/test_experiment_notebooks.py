@@ -32,7 +32,7 @@ def test_reproduce_regenerates_the_committed_claims(tmp_path, dataset, params):
     root = _copy_repo_results(tmp_path)
     name = dataset + params.get("tag", "")                                     # the tables' names: <kind>_<name>.csv
     (root / "results" / f"claims_{name}.csv").unlink()
-    for kind in ("claims_successors", "comparison"):
+    for kind in ("claims_successors", "comparison", "beta"):
         (root / "results" / f"{kind}_{name}.csv").unlink(missing_ok=True)
     out = tmp_path / "out.ipynb"
     pm.execute_notebook(str(ROOT / "nbs" / "reproduce.ipynb"), str(out), progress_bar=False, kernel_name="python3",
@@ -42,7 +42,7 @@ def test_reproduce_regenerates_the_committed_claims(tmp_path, dataset, params):
     made = pd.read_csv(root / "results" / f"claims_{name}.csv")
     committed = pd.read_csv(ROOT / "results" / f"claims_{name}.csv")
     pd.testing.assert_frame_equal(made, committed)                             # the README's claims come from the runs
-    for kind in ("claims_successors", "comparison"):                          # the successors' comparison, where it ran
+    for kind in ("claims_successors", "comparison", "beta"):                  # the successors' comparison, where it ran
         table = ROOT / "results" / f"{kind}_{name}.csv"
         if table.exists():
             pd.testing.assert_frame_equal(pd.read_csv(root / "results" / table.name), pd.read_csv(table))
