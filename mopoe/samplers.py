@@ -61,7 +61,8 @@ class GMMSampler(LatentSampler):
         return self
 
     def sample(self, n: int) -> Tensor:
-        if not hasattr(self, "means"): raise RuntimeError("the gmm latent sampler is not fitted: call fit(model, train_ds)")
+        if not hasattr(self, "means"):
+            raise RuntimeError("the gmm latent sampler is not fitted: call fit(model, train_ds)")
         comp = torch.multinomial(self.weights, int(n), replacement=True)                              # (n,)
         eps = torch.randn(int(n), self.means.shape[1], 1, device=self.means.device)                  # (n, D, 1)
         return self.means[comp] + (self.chol[comp] @ eps).squeeze(-1)                                 # (n, D)
