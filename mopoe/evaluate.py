@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_evaluate.ipynb #c002
 from __future__ import annotations
+
 import hashlib
 import inspect
 import json
@@ -13,32 +14,48 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.data import Dataset
-from tqdm import tqdm   # not tqdm.auto: without ipywidgets it warns "IProgress not found" in every notebook
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from threadpoolctl import threadpool_limits
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm  # not tqdm.auto: without ipywidgets it warns "IProgress not found" in every notebook
 
+from mopoe.metric import (
+    Metric,
+    cache_info,
+    device_of,
+    eval_mode,
+    fork_rng,
+    mean_defined,
+    register_metric,
+    score_name,
+    seeded_loader,
+    slice_experts,
+    take_subset,
+    to_device,
+)
 from .experts import subset_mask, subset_names
-from .metric import (Metric, cache_info, device_of, eval_mode, fork_rng, mean_defined, register_metric, score_name,
-                          seeded_loader, slice_experts, take_subset, to_device)
-# the metric API, where it lived before it had a module of its own: `from mopoe.evaluate import evaluate, …` still works
-from .metric import DEFAULT_METRICS, METRICS, EvalContext, evaluate, get_metric, resolve_metrics  # noqa: F401
+from .io import CorruptFileError, load_verified, save_verified
 from .nets import make_classifier
+from .options import option
 
 # %% auto #0
 __all__ = ['CLASSIFIER_CACHE_VERSION', 'Classifiers', 'average_precisions', 'classifier_accuracy', 'train_classifiers',
            'encode_subsets', 'fit_latent_classifiers', 'latent_classification', 'Latent', 'joint_coherence',
            'Coherence', 'LogLikelihood', 'results_tables', 'plot_by_num_inputs']
 
+# %% ../nbs/08_evaluate.ipynb #c002a
+# the metric API, where it lived before it had a module of its own: `from mopoe.evaluate import evaluate` still works
+from .metric import DEFAULT_METRICS, METRICS, EvalContext, evaluate, get_metric, resolve_metrics  # noqa: F401
+
 # %% ../nbs/08_evaluate.ipynb #c008
-from .io import CorruptFileError, load_verified, save_verified
 CLASSIFIER_CACHE_VERSION = 2   # 2: verified plain-data file (mopoe.io)
 class Classifiers(dict):
     "Per-modality classifiers {modality: nn.Module}, frozen in eval mode, with their test `scores` and `metric`."
-    def __init__(self, nets: dict, scores: dict | None = None, metric: str = "accuracy", path: str | None = None, from_cache: bool = False):
+    def __init__(self, nets: dict, scores: dict | None = None, metric: str = "accuracy", path: str | None = None,
+                 from_cache: bool = False):
         super().__init__(nets)
         self.scores, self.metric, self.path, self.from_cache = scores, metric, path, from_cache
 
@@ -83,12 +100,14 @@ def _load_classifier_cache(path, nets: dict, settings: dict, info) -> dict | Non
         blob = load_verified(path)                              # weights_only=True, digest checked
         if not isinstance(blob, dict) or set(blob.get("state", {})) != set(nets):
             raise CorruptFileError(f"{path} does not hold a classifier per modality {sorted(nets)}")
-        if blob.get("settings") != json.loads(json.dumps(settings, default=str)) or blob.get("info") != cache_info(info):
+        if (blob.get("settings") != json.loads(json.dumps(settings, default=str))
+                or blob.get("info") != cache_info(info)):
             raise CorruptFileError(f"{path} was written for other settings or data")
         for m, net in nets.items(): net.load_state_dict(blob["state"][m])
         return blob
     except (CorruptFileError, RuntimeError, KeyError, TypeError) as e:
-        warnings.warn(f"classifier cache {path} is damaged or stale ({' '.join(str(e).split())[:300]}); retraining the classifiers")
+        warnings.warn(f"classifier cache {path} is damaged or stale ({' '.join(str(e).split())[:300]}); retraining "
+                      "the classifiers", stacklevel=2)
         return None
 
 # %% ../nbs/08_evaluate.ipynb #c017
@@ -96,18 +115,22 @@ def _classifier_for(info, modality, arch, net_kw):
     "The dataset's registered classifier builder (mopoe.data's registry) when it has one, else `nets.make_classifier`."
     from mopoe.data import REGISTRY
     entry = REGISTRY.get(getattr(info, "name", None))
-    if entry is not None and entry.classifier is not None and arch is None and not net_kw: return entry.classifier(info, modality)
+    if entry is not None and entry.classifier is not None and arch is None and not net_kw:
+        return entry.classifier(info, modality)
     return make_classifier(info, modality, arch=arch, **net_kw)
 
 def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, device=None,
-                      cache_dir: str | None = None, seed: int = 0, test_ds: Dataset | None = None, arch: str | None = None,
-                      max_train: int | None = None, progress: bool = True, **net_kw) -> Classifiers:
-    "Train (or load from `cache_dir`) one classifier per modality with the encoder's architecture: {modality: nn.Module}."
+                      cache_dir: str | None = None, seed: int = 0, test_ds: Dataset | None = None,
+                      arch: str | None = None, max_train: int | None = None, progress: bool = True,
+                      **net_kw) -> Classifiers:
+    ("Train (or load from `cache_dir`) one classifier per modality with the encoder's architecture: "
+     "{modality: nn.Module}.")
     device = torch.device(device or "cpu")
     train_ds = take_subset(train_ds, max_train, seed)
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, arch=arch, net_kw=net_kw,
                     n_train=len(train_ds), version=CLASSIFIER_CACHE_VERSION)
-    key = hashlib.sha1(json.dumps({"info": cache_info(info), **settings}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps({"info": cache_info(info), **settings}, sort_keys=True,
+                                  default=str).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"classifiers_{info.name}_{key}.pt") if cache_dir else None
     with fork_rng(device):
         def fresh():
@@ -125,7 +148,9 @@ def train_classifiers(train_ds: Dataset, info, epochs: int = 5, batch_size: int 
             for epoch in range(epochs):
                 for i, (x, y) in enumerate(loader):
                     y = y.to(device)
-                    if info.multilabel: losses = {m: F.binary_cross_entropy_with_logits(net(x[m].to(device)), y.float()) for m, net in nets.items()}
+                    if info.multilabel:
+                        losses = {m: F.binary_cross_entropy_with_logits(net(x[m].to(device)), y.float())
+                                  for m, net in nets.items()}
                     else: losses = {m: F.cross_entropy(net(x[m].to(device)), y.long()) for m, net in nets.items()}
                     loss = sum(losses.values())
                     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
@@ -178,9 +203,12 @@ def encode_subsets(model, ds: Dataset, batch_size: int = 256, device=None):
 
 # %% ../nbs/08_evaluate.ipynb #c029
 def fit_latent_classifiers(Z: np.ndarray, y: np.ndarray, multilabel: bool = False, seed: int = 0) -> list:
-    "One logistic regression per subset on encodings Z (S, n, D); multilabel: a list per subset, None where an attribute has one class."
+    ("One logistic regression per subset on encodings Z (S, n, D); multilabel: a list per subset, None where an "
+     "attribute has one class.")
     with threadpool_limits(1, user_api="blas"):
-        if multilabel: return [[_fit_lr(Zs, y[:, a], seed) if len(np.unique(y[:, a])) > 1 else None for a in range(y.shape[1])] for Zs in Z]
+        if multilabel:
+            return [[_fit_lr(Zs, y[:, a], seed) if len(np.unique(y[:, a])) > 1 else None for a in range(y.shape[1])]
+                    for Zs in Z]
         return [_fit_lr(Zs, y, seed) for Zs in Z]
 
 # %% ../nbs/08_evaluate.ipynb #c031
@@ -194,18 +222,20 @@ class _LatentScorer:
     def update(self, Z, y):                                                 # Z (S, B, D), y (B,) or (B, A)
         for s, clf in enumerate(self.fitted):
             if self.multilabel:
-                self.scores[s].append(np.stack([c.decision_function(Z[s]) if c is not None else np.zeros(len(y)) for c in clf], 1))
+                self.scores[s].append(np.stack([c.decision_function(Z[s]) if c is not None else np.zeros(len(y))
+                                                for c in clf], 1))
             else: self.correct[s] += (clf.predict(Z[s]) == y).sum()
         if self.multilabel: self.labels.append(y)
         self.n += len(y)
 
     def result(self, names, label_names):
-        if not self.multilabel: return {"per_subset": {n: float(c / self.n) for n, c in zip(names, self.correct)}}
+        if not self.multilabel:
+            return {"per_subset": {n: float(c / self.n) for n, c in zip(names, self.correct, strict=True)}}
         y = np.concatenate(self.labels)
         per_attr = {}
-        for n, clf, sc in zip(names, self.fitted, self.scores):
+        for n, clf, sc in zip(names, self.fitted, self.scores, strict=True):
             ap = average_precisions(y, np.concatenate(sc))
-            per_attr[n] = {l: (a if c is not None else None) for l, a, c in zip(label_names, ap, clf)}
+            per_attr[n] = {l: (a if c is not None else None) for l, a, c in zip(label_names, ap, clf, strict=True)}
         return {"per_subset": {n: mean_defined(v.values()) for n, v in per_attr.items()}, "per_attribute": per_attr}
 
 # %% ../nbs/08_evaluate.ipynb #c033
@@ -217,19 +247,22 @@ def latent_classification(model, train_ds: Dataset, test_ds: Dataset, info, num_
         Z, y = encode_subsets(model, take_subset(train_ds, num_train, seed), batch_size, device)
         scorer = _LatentScorer(fit_latent_classifiers(Z, y, info.multilabel, seed), info.multilabel)
         device = device_of(model) if device is None else torch.device(device)
-        for x, y in seeded_loader(test_ds, batch_size): scorer.update(_subset_means(model, to_device(x, device)).float().cpu().numpy(), y.numpy())
+        for x, y in seeded_loader(test_ds, batch_size):
+            scorer.update(_subset_means(model, to_device(x, device)).float().cpu().numpy(), y.numpy())
     return scorer.result(names, info.label_names)
 
 # %% ../nbs/08_evaluate.ipynb #c038
 @register_metric
 class Latent(Metric):
-    "Linear classification of the posterior mean of every subset: logistic regressions fitted on `num_latent_train` training encodings."
+    ("Linear classification of the posterior mean of every subset: logistic regressions fitted on `num_latent_train` "
+     "training encodings.")
     name = "latent"
     def __init__(self, num_latent_train: int = 500): self.num_latent_train = num_latent_train
     def settings(self): return {"num_latent_train": self.num_latent_train}
 
     def begin(self, ctx):
-        if ctx.train_ds is None: raise ValueError("the latent metric needs a training set (train_ds) to fit its classifiers")
+        if ctx.train_ds is None:
+            raise ValueError("the latent metric needs a training set (train_ds) to fit its classifiers")
         tr = take_subset(ctx.train_ds, self.num_latent_train, ctx.seed)
         Z, y = encode_subsets(ctx.model, tr, ctx.batch_size, ctx.device)          # the 500 training examples, once
         self.scorer = _LatentScorer(fit_latent_classifiers(Z, y, ctx.multilabel, ctx.seed), ctx.multilabel)
@@ -240,7 +273,8 @@ class Latent(Metric):
 
     def end(self, ctx):
         lat = self.scorer.result(ctx.names, ctx.info.label_names)
-        lat["by_size"] = {str(k): mean_defined(v for n, v in lat["per_subset"].items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}
+        lat["by_size"] = {str(k): mean_defined(v for n, v in lat["per_subset"].items() if ctx.sizes[n] == k)
+                          for k in range(1, len(ctx.modalities) + 1)}
         return lat
 
 # %% ../nbs/08_evaluate.ipynb #c042
@@ -276,8 +310,16 @@ def joint_coherence(model, classifiers: dict, n: int, multilabel: bool = False, 
 # %% ../nbs/08_evaluate.ipynb #c046
 @register_metric
 class Coherence(Metric):
-    "Conditional coherence of every target given every subset, and joint coherence of `num_joint` prior samples (None: as many as test tuples)."
+    ("Conditional coherence of every target given every subset, and joint coherence of `num_joint` prior samples "
+     "(None: as many as test tuples).")
     name, needs_classifiers = "coherence", True
+    options = {     # the classifiers' options: `run` trains (or loads) them for every chosen metric that needs them
+        "classifier_epochs": option(None, "epochs of the coherence classifiers (None: 3 on the cpu preset, 10 on "
+                                          "paper)", type=int | None, low=1, roles="resumable eval"),
+        "classifiers_from": option("", "the authors' released coherence classifiers: a folder of their files "
+                                   "(thomassutter/MoPoE's trained_clfs_*; PolyMNIST's are MMVAE+'s too), loaded "
+                                   "weights-only instead of training classifiers here ('' = train them here)",
+                                   type=str, roles="resumable later eval")}
     def __init__(self, num_joint: int | None = None): self.num_joint = num_joint
 
     def begin(self, ctx):
@@ -285,7 +327,8 @@ class Coherence(Metric):
         n_joint = len(ctx.test_ds) if self.num_joint is None else int(self.num_joint)
         self.joint = joint_coherence(ctx.model, ctx.classifiers, n_joint, ctx.multilabel, ctx.batch_size, ctx.generate)
         ctx.n["joint"] = n_joint
-        self.correct, self.gen_scores = torch.zeros(S, M, dtype=torch.float64), [[[] for _ in range(M)] for _ in range(S)]
+        self.correct = torch.zeros(S, M, dtype=torch.float64)
+        self.gen_scores = [[[] for _ in range(M)] for _ in range(S)]
         self.real_correct, self.real_scores = torch.zeros(M, dtype=torch.float64), [[] for _ in range(M)]
         self.labels, self.N = [], 0
 
@@ -300,20 +343,24 @@ class Coherence(Metric):
         for s, sub in enumerate(ctx.names):
             gen = ctx.model.cond_generate(x, given=ctx.givens[sub], experts=experts)
             for j, m in enumerate(ctx.modalities):
-                self._score(clf[m](gen[m]).float().cpu(), y, self.gen_scores[s][j] if ml else None, self.correct, (s, j))
+                self._score(clf[m](gen[m]).float().cpu(), y, self.gen_scores[s][j] if ml else None, self.correct,
+                            (s, j))
         self.labels.append(y); self.N += len(y)
 
     def end(self, ctx):
         coh, mods, names = dict(self.joint), ctx.modalities, ctx.names
         if ctx.multilabel:
             y = torch.cat(self.labels).numpy()
-            per_attr = {n: {m: dict(zip(ctx.info.label_names, average_precisions(y, torch.cat(self.gen_scores[s][j]).numpy())))
+            per_attr = {n: {m: dict(zip(ctx.info.label_names,
+                                        average_precisions(y, torch.cat(self.gen_scores[s][j]).numpy()), strict=True))
                             for j, m in enumerate(mods)} for s, n in enumerate(names)}
             coh["conditional"] = {n: {m: mean_defined(v.values()) for m, v in d.items()} for n, d in per_attr.items()}
             coh["per_attribute"] = per_attr
-            ctx.result["classifiers"] = {m: mean_defined(average_precisions(y, torch.cat(self.real_scores[j]).numpy())) for j, m in enumerate(mods)}
+            ctx.result["classifiers"] = {m: mean_defined(average_precisions(y, torch.cat(self.real_scores[j]).numpy()))
+                                         for j, m in enumerate(mods)}
         else:
-            coh["conditional"] = {n: {m: float(self.correct[s, j] / self.N) for j, m in enumerate(mods)} for s, n in enumerate(names)}
+            coh["conditional"] = {n: {m: float(self.correct[s, j] / self.N) for j, m in enumerate(mods)}
+                                  for s, n in enumerate(names)}
             ctx.result["classifiers"] = {m: float(self.real_correct[j] / self.N) for j, m in enumerate(mods)}
         coh["by_size"] = _by_size_coherence(coh["conditional"], ctx.givens, mods)
         return coh
@@ -328,12 +375,21 @@ def _chunks(x: dict, ex, k: int, rows: int):
 # %% ../nbs/08_evaluate.ipynb #c051
 @register_metric
 class LogLikelihood(Metric):
-    "Importance-sampled log p(X) with `loglik_samples` samples, the proposal of every subset and the training mixture, on `loglik_max_test` tuples."
+    ("Importance-sampled log p(X) with `loglik_samples` samples, the proposal of every subset and the training "
+     "mixture, on `loglik_max_test` tuples.")
     name, config_options = "loglik", ("loglik_samples", "loglik_max_test")
-    def __init__(self, loglik_samples: int = 15, loglik_max_test: int | None = None, loglik_decode_batch: int | None = None):
+    options = {
+        "loglik_samples": option(15, "importance samples of the test log-likelihoods (Appendix B: 15)", type=int,
+                                 low=1, roles="resumable eval"),
+        "loglik_max_test": option(None, "log-likelihoods on at most this many test tuples (None: 200 on the cpu "
+                                        "preset, all on paper)", type=int | None, low=1, roles="resumable eval")}
+    def __init__(self, loglik_samples: int = 15, loglik_max_test: int | None = None,
+                 loglik_decode_batch: int | None = None):
         if int(loglik_samples) < 1: raise ValueError(f"loglik_samples must be at least 1, got {loglik_samples}")
-        if loglik_max_test is not None and int(loglik_max_test) < 1: raise ValueError(f"loglik_max_test must be at least 1, got {loglik_max_test}")
-        self.loglik_samples, self.loglik_max_test, self.loglik_decode_batch = int(loglik_samples), loglik_max_test, loglik_decode_batch
+        if loglik_max_test is not None and int(loglik_max_test) < 1:
+            raise ValueError(f"loglik_max_test must be at least 1, got {loglik_max_test}")
+        self.loglik_samples, self.loglik_max_test = int(loglik_samples), loglik_max_test
+        self.loglik_decode_batch = loglik_decode_batch
     def settings(self): return {"loglik_samples": self.loglik_samples, "loglik_max_test": self.loglik_max_test}
 
     def begin(self, ctx):
@@ -341,15 +397,19 @@ class LogLikelihood(Metric):
         self.n_ll = N if self.loglik_max_test is None else min(int(self.loglik_max_test), N)
         dev = torch.device(ctx.device)
         self.seen = 0                                                   # sums stay on the device, read once in `end`
-        self.mix, self.sub = torch.zeros((), dtype=torch.float64, device=dev), torch.zeros(len(ctx.names), dtype=torch.float64, device=dev)
-        self.rows = self.loglik_decode_batch or (256 if dev.type == "cpu" else 16384)   # decoded rows a call: large on a GPU
+        self.mix = torch.zeros((), dtype=torch.float64, device=dev)
+        self.sub = torch.zeros(len(ctx.names), dtype=torch.float64, device=dev)
+        # decoded rows a call: large on a GPU
+        self.rows = self.loglik_decode_batch or (256 if dev.type == "cpu" else 16384)
 
     def batch(self, ctx, x, y, experts):
         B, K, model = len(y), self.loglik_samples, ctx.model
         if self.seen < self.n_ll:
             givens = [ctx.givens[n] for n in ctx.names]
-            for xs, exs in _chunks(x, experts, min(B, self.n_ll - self.seen), max(1, self.rows // (K * (len(givens) + 1)))):
-                ll = model.log_likelihoods(xs, givens, K, exs, training_mixture=True, decode_rows=self.rows).double()  # (S + 1, rows)
+            rows = max(1, self.rows // (K * (len(givens) + 1)))
+            for xs, exs in _chunks(x, experts, min(B, self.n_ll - self.seen), rows):
+                ll = model.log_likelihoods(xs, givens, K, exs, training_mixture=True,
+                                           decode_rows=self.rows).double()                       # (S + 1, rows)
                 self.sub += ll[:-1].sum(1); self.mix += ll[-1].sum()
         self.seen += B
 
@@ -358,7 +418,8 @@ class LogLikelihood(Metric):
         per = {n: sub[s] / self.n_ll for s, n in enumerate(ctx.names)}
         ctx.n["loglik"] = self.n_ll
         return {"X": per[ctx.names[-1]], "X_with_proposal_from": per, "X_training_mixture": mix / self.n_ll,
-                "by_size": {str(k): mean_defined(v for n, v in per.items() if ctx.sizes[n] == k) for k in range(1, len(ctx.modalities) + 1)}}
+                "by_size": {str(k): mean_defined(v for n, v in per.items() if ctx.sizes[n] == k)
+                            for k in range(1, len(ctx.modalities) + 1)}}
 
 # %% ../nbs/08_evaluate.ipynb #c064
 def results_tables(result: dict) -> dict:
@@ -370,7 +431,8 @@ def results_tables(result: dict) -> dict:
         out["latent"] = pd.DataFrame([result["latent"]["per_subset"]], index=[metric])[subsets]
     if "coherence" in result:
         c = result["coherence"]
-        out["coherence"] = pd.DataFrame({n: c["conditional"][n] for n in subsets}).loc[result["modalities"]].rename_axis(index="target", columns="given")
+        out["coherence"] = (pd.DataFrame({n: c["conditional"][n] for n in subsets}).loc[result["modalities"]]
+                            .rename_axis(index="target", columns="given"))
     if "loglik" in result:
         ll = result["loglik"]
         out["loglik"] = pd.DataFrame([{"X": ll["X"], **{f"X; q(z|{n})": ll["X_with_proposal_from"][n] for n in subsets},
@@ -382,7 +444,8 @@ def results_tables(result: dict) -> dict:
         by["coherence (all)"] = result["coherence"]["by_size"]["all"]
     if "loglik" in result: by["loglik"] = result["loglik"]["by_size"]
     if by:
-        out["by_size"] = pd.DataFrame({k: {int(s): v for s, v in d.items()} for k, d in by.items()}).reindex(range(1, M + 1)).rename_axis("inputs")
+        out["by_size"] = (pd.DataFrame({k: {int(s): v for s, v in d.items()} for k, d in by.items()})
+                          .reindex(range(1, M + 1)).rename_axis("inputs"))
     if "classifiers" in result or "coherence" in result:
         row = dict(result.get("classifiers", {}))
         if "coherence" in result: row["joint coherence"] = result["coherence"].get("joint")
@@ -392,23 +455,27 @@ def results_tables(result: dict) -> dict:
 
 # %% ../nbs/08_evaluate.ipynb #c066
 def plot_by_num_inputs(results_by_model: dict, coherence: str = "excl_target", figsize=(12, 3.6)):
-    "Figure 3: latent classification, conditional coherence and log-likelihood against the number of inputs, a line per model."
+    ("Figure 3: latent classification, conditional coherence and log-likelihood against the number of inputs, a line "
+     "per model.")
     from matplotlib.figure import Figure
-    if coherence not in ("excl_target", "all"): raise ValueError(f"coherence must be 'excl_target' or 'all', got {coherence!r}")
+    if coherence not in ("excl_target", "all"):
+        raise ValueError(f"coherence must be 'excl_target' or 'all', got {coherence!r}")
     fig = Figure(figsize=figsize, layout="constrained")
     axes = fig.subplots(1, 3)
-    panels = [("latent", "latent classification"), ("coherence", "conditional coherence"), ("loglik", "log-likelihood (nats)")]
+    panels = [("latent", "latent classification"), ("coherence", "conditional coherence"),
+              ("loglik", "log-likelihood (nats)")]
     for name, res in results_by_model.items():
         M = len(res["modalities"])
         joint = res.get("coherence", {}).get("joint")
         label = name if joint is None else f"{name} (joint coh. {joint:.2f})"
-        for ax, (key, _) in zip(axes, panels):
+        for ax, (key, _) in zip(axes, panels, strict=True):
             if key not in res: continue
             d = res[key]["by_size"][coherence] if key == "coherence" else res[key]["by_size"]
             ks = [k for k in range(1, (M if key == "latent" else M - 1) + 1) if d.get(str(k)) is not None]
             ax.plot(ks, [d[str(k)] for k in ks], marker="o", label=label)
-    for ax, (key, title) in zip(axes, panels):
-        ax.set_title(title + (" (targets outside the inputs)" if key == "coherence" and coherence == "excl_target" else ""), fontsize=9)
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        outside = key == "coherence" and coherence == "excl_target"
+        ax.set_title(title + (" (targets outside the inputs)" if outside else ""), fontsize=9)
         ax.set_xlabel("number of input modalities")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)

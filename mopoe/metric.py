@@ -150,6 +150,7 @@ class Metric:
     name: str | None = None           # the key of its result
     needs_classifiers: bool = False   # the coherence classifiers must be passed to `evaluate`
     config_options: tuple = ()        # TrainConfig options passed to the constructor by `from_config`
+    options: dict = {}                # the run options it owns, declared beside it (mopoe.options.option)
 
     @classmethod
     def from_config(cls, cfg):

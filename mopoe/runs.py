@@ -15,17 +15,25 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
-from .build import (build_data, build_data_ranked, build_model, dist_info, info_dict, info_from_dict, pick_device,
-                         setup_device, stand_in_label)
-from .checkpoint import (CHECKPOINT, final_checkpoint, folder_lock, latest_checkpoint, run_folder,
-                              saved_config)
+from mopoe.build import (
+    build_data,
+    build_data_ranked,
+    build_model,
+    dist_info,
+    info_dict,
+    info_from_dict,
+    pick_device,
+    setup_device,
+    stand_in_label,
+)
+from .checkpoint import CHECKPOINT, final_checkpoint, folder_lock, latest_checkpoint, run_folder, saved_config
 from .config import OPTIONS, RUN_KEY_EXCLUDE, TrainConfig, config_key, resolve_config, stored_options
 from .evaluate import train_classifiers
 from .incomplete import complete_view, distinct_tuples, observed_of
 from .io import atomic_write
-from .released import load_released_classifiers
 from .metric import METRICS, evaluate
 from .model import MultimodalVAE
+from .released import load_released_classifiers
 from .samplers import get_sampler
 from .trainer import fit_run
 
@@ -33,7 +41,8 @@ from .trainer import fit_run
 def evaluation_metrics(cfg: TrainConfig) -> list:
     "The metric objects of the config's `metrics` option (the registry), configured from the config; FID last."
     names = [n for n in cfg.metrics.split(",") if n]
-    names = [n for n in names if n != "fid"] + [n for n in names if n == "fid"]   # FID draws last: the others' numbers keep
+    # FID draws last: the others' numbers keep
+    names = [n for n in names if n != "fid"] + [n for n in names if n == "fid"]
     return [METRICS[n].from_config(cfg) for n in names]
 
 # %% ../nbs/07g_runs.ipynb #c006
@@ -41,8 +50,8 @@ def _needs_classifiers(metrics) -> bool:
     return any(getattr(m, "needs_classifiers", m == "coherence") for m in metrics)
 
 # %% ../nbs/07g_runs.ipynb #c007
-def _evaluate_and_write(cfg, model, history, data, device, progress, written_by, t_start, results_file: str = "results.json",
-                        evaluated_epoch: int | None = None) -> dict:
+def _evaluate_and_write(cfg, model, history, data, device, progress, written_by, t_start,
+                        results_file: str = "results.json", evaluated_epoch: int | None = None) -> dict:
     train_ds, test_ds, info = data
     observed, distinct, rows = observed_of(train_ds), distinct_tuples(train_ds), len(train_ds)
     train_ds = complete_view(train_ds)       # evaluation tools (classifiers, the latent probe) see complete tuples
@@ -53,31 +62,39 @@ def _evaluate_and_write(cfg, model, history, data, device, progress, written_by,
         classifiers = load_released_classifiers(cfg.classifiers_from, info, device=device, test_ds=test_ds)
         if progress: print(classifiers, flush=True)
     elif _needs_classifiers(metric_list):
-        classifiers = train_classifiers(train_ds, info, epochs=cfg.classifier_epochs, cache_dir=str(Path(cfg.data_dir) / "classifiers"),
-                                        seed=cfg.seed, test_ds=test_ds, device=device, progress=bars)
+        classifiers = train_classifiers(train_ds, info, epochs=cfg.classifier_epochs,
+                                        cache_dir=str(Path(cfg.data_dir) / "classifiers"), seed=cfg.seed,
+                                        test_ds=test_ds, device=device, progress=bars)
         if progress: print(classifiers, flush=True)
-    metrics = evaluate(model, train_ds, test_ds, info, classifiers, metrics=metric_list, max_test=cfg.eval_max_test, device=device,
-                       seed=cfg.seed, progress=bars, latent_sampler=get_sampler(cfg.latent_sampler))
+    metrics = evaluate(model, train_ds, test_ds, info, classifiers, metrics=metric_list, max_test=cfg.eval_max_test,
+                       device=device, seed=cfg.seed, progress=bars, latent_sampler=get_sampler(cfg.latent_sampler))
     label = stand_in_label(cfg, info)
     results = {"config": asdict(cfg), "config_key": config_key(cfg),
                "data": {"name": info.name, "source": getattr(info, "source", cfg.source), "stand_in": bool(label),
                         "synthetic": [m for m, s in (getattr(info, "synthetic", None) or {}).items() if s],
-                        "modalities": list(info.modalities), "sizes": {"train": len(train_ds) if observed is None else distinct,
-                                                                      "test": len(test_ds)}, "label": label,
-                        "train_observed_fraction": None if observed is None else dict(zip(info.modalities, observed.float().mean(0).tolist())),
-                        "train_complete_tuples": None if observed is None else distinct if cfg.complete_only else int(observed.all(1).sum()),
+                        "modalities": list(info.modalities),
+                        "sizes": {"train": len(train_ds) if observed is None else distinct, "test": len(test_ds)},
+                        "label": label,
+                        "train_observed_fraction": None if observed is None else
+                            dict(zip(info.modalities, observed.float().mean(0).tolist(), strict=True)),
+                        "train_complete_tuples": None if observed is None else
+                            distinct if cfg.complete_only else int(observed.all(1).sum()),
                         "train_rows_per_epoch": rows},
                "history": [{k: v for k, v in h.items() if k != "step_losses"} for h in history],
-               "metrics": metrics, "seconds_total": time.time() - t_start, "checkpoint": CHECKPOINT, "written_by": written_by,
-               "evaluated_epoch": evaluated_epoch if evaluated_epoch is not None else (history[-1]["epoch"] if history else None)}
-    if getattr(classifiers, "source", None): results["classifiers_source"] = classifiers.source   # released classifiers: whose
+               "metrics": metrics, "seconds_total": time.time() - t_start, "checkpoint": CHECKPOINT,
+               "written_by": written_by,
+               "evaluated_epoch": evaluated_epoch if evaluated_epoch is not None else
+                   (history[-1]["epoch"] if history else None)}
+    if getattr(classifiers, "source", None):                               # released classifiers: whose
+        results["classifiers_source"] = classifiers.source
     path = atomic_write(Path(cfg.out_dir) / results_file, json.dumps(results, indent=1))
     if progress: print(f"wrote {path}{' (' + label.split(':')[0] + ')' if label else ''}", flush=True)
     return {"classifiers": classifiers, "metrics": metrics, "results": results}
 
 # %% ../nbs/07g_runs.ipynb #c009
 def run(cfg: TrainConfig, callbacks=(), data=None, progress: bool = True, written_by: str = "notebook") -> dict:
-    "Train and evaluate a config and write results.json: {'model', 'history', 'classifiers', 'metrics', 'results', 'info', ...}."
+    ("Train and evaluate a config and write results.json: "
+     "{'model', 'history', 'classifiers', 'metrics', 'results', 'info', ...}.")
     t_start = time.time()
     cfg = resolve_config(cfg)
     with run_folder(cfg) as out_dir:
@@ -91,8 +108,8 @@ def run(cfg: TrainConfig, callbacks=(), data=None, progress: bool = True, writte
         learn, history = trained["learner"], trained["history"]
         if rank != 0: return out
         if not history:
-            print(f"the run stopped before its first epoch was complete: nothing was saved in {out_dir}, nothing evaluated",
-                  flush=True)
+            print(f"the run stopped before its first epoch was complete: nothing was saved in {out_dir}, nothing "
+                  "evaluated", flush=True)
             learn.evaluate(lambda learn: None)                           # the loggers' runs end, with nothing to add
             return out
         if learn.step != history[-1]["step"]:                            # stopped mid-epoch: evaluate what was saved
@@ -101,7 +118,7 @@ def run(cfg: TrainConfig, callbacks=(), data=None, progress: bool = True, writte
             if progress: print(f"stopped during epoch {history[-1]['epoch'] + 1}: evaluating {path.name} (epoch "
                                f"{state['epoch']}), what the run folder holds", flush=True)
         ev = {}
-        def evaluate_run(learn):                                         # the learner keeps the metrics, fires after_eval
+        def evaluate_run(learn):                             # the learner keeps the metrics, fires after_eval
             ev.update(_evaluate_and_write(cfg, trained["model"], history, data, device, progress, written_by, t_start))
             return ev["metrics"]
         learn.evaluate(evaluate_run)
@@ -120,7 +137,7 @@ def load_run(out_dir, device: str = "cpu", use_prev: bool = False, data_dir: str
     "The trained model (eval mode, on `device`), config and dataset info of a run folder, without building its data."
     state, _ = final_checkpoint(out_dir, use_prev)                # reading changes nothing
     cfg = saved_config(state, out_dir=str(out_dir), resume=False, data_dir=data_dir or OPTIONS["data_dir"].default,
-                       loggers="")                                 # a reloaded model writes no training logs: none needed
+                       loggers="")                             # a reloaded model writes no training logs: none needed
     info = info_from_dict(state["info"])
     model = build_model(cfg, info)
     model.load_state_dict(state["model"])
@@ -141,10 +158,12 @@ def evaluate_saved(out_dir, device: str = "auto", data=None, progress: bool = Tr
         cfg = resolve_config(cfg, device=device, **overrides)
         if data is None: data = build_data(cfg)
         if info_dict(data[2]).get("modalities") != state["info"].get("modalities"):
-            raise ValueError(f"the data built for {out_dir} has modalities {list(data[2].modalities)}, the saved model {state['info'].get('modalities')}")
+            raise ValueError(f"the data built for {out_dir} has modalities {list(data[2].modalities)}, the saved model "
+                             f"{state['info'].get('modalities')}")
         name = results_file or (f"results.prev_epoch{state['epoch']}.json" if use_prev else "results.json")
-        return {"model": model, "config": cfg, **_evaluate_and_write(cfg, model, state["history"], data, pick_device(device), progress,
-                                                                     "mopoe-eval", t_start, name, state["epoch"])}
+        return {"model": model, "config": cfg,
+                **_evaluate_and_write(cfg, model, state["history"], data, pick_device(device), progress, "mopoe-eval",
+                                      t_start, name, state["epoch"])}
 
 # %% ../nbs/07g_runs.ipynb #c015
 def run_name(cfg: TrainConfig) -> str:
@@ -156,7 +175,8 @@ def run_name(cfg: TrainConfig) -> str:
 def sweep_config(runs_dir, **options) -> TrainConfig:
     "The resolved config of one sweep run, its out_dir inside runs_dir (validated before anything is created)."
     runs = Path(runs_dir).expanduser()
-    if runs.exists() and not runs.is_dir(): raise NotADirectoryError(f"runs_dir {str(runs)!r} exists and is not a folder")
+    if runs.exists() and not runs.is_dir():
+        raise NotADirectoryError(f"runs_dir {str(runs)!r} exists and is not a folder")
     cfg = resolve_config(**options)
     return dataclasses.replace(cfg, out_dir=str(runs / run_name(cfg)))
 
@@ -172,18 +192,23 @@ def read_results(folder, cfg: TrainConfig | None = None) -> dict:
         if config_key(saved) != config_key(cfg):
             a, b = asdict(saved), asdict(resolve_config(cfg))
             diff = {k: (a[k], b[k]) for k in a if k not in RUN_KEY_EXCLUDE and a[k] != b[k]}
-            raise ValueError(f"{f} holds the results of another configuration: {diff} (in the file, asked for); refusing to use it")
+            raise ValueError(f"{f} holds the results of another configuration: {diff} (in the file, asked for); "
+                             "refusing to use it")
     return res
 
 # %% ../nbs/07g_runs.ipynb #c018
 def run_summary(folder, dataset: str | None = None) -> dict:
-    "The facts of a run folder's results.json the experiment notebooks tabulate (one reader for sweep, reproduce, incomplete)."
+    ("The facts of a run folder's results.json the experiment notebooks tabulate (one reader for sweep, reproduce, "
+     "incomplete).")
     res = read_results(folder)
     path = Path(folder) / "results.json"
     cfg, metrics = stored_options(res.get("config", {})), res.get("metrics")
     if metrics is None or "subsets" not in metrics: raise ValueError(f"{path} holds no evaluation metrics")
-    if dataset is not None and cfg.get("dataset") != dataset: raise ValueError(f"{path} is a {cfg.get('dataset')!r} run, not {dataset!r}")
+    if dataset is not None and cfg.get("dataset") != dataset:
+        raise ValueError(f"{path} is a {cfg.get('dataset')!r} run, not {dataset!r}")
     hist = res.get("history") or []
-    return {"objective": cfg.get("objective"), "dataset": cfg.get("dataset"), "beta": cfg.get("beta"), "epochs": cfg.get("epochs"),
+    return {"objective": cfg.get("objective"), "dataset": cfg.get("dataset"), "beta": cfg.get("beta"),
+            "epochs": cfg.get("epochs"),
             "train tuples": res["data"]["sizes"]["train"], "steps": hist[-1]["step"] if hist else None,
-            "stand-in": res["data"].get("stand_in"), "path": str(path), "metrics": metrics, "config": cfg, "results": res}
+            "stand-in": res["data"].get("stand_in"), "path": str(path), "metrics": metrics, "config": cfg,
+            "results": res}

@@ -10,5 +10,6 @@ from .build import *
 from .checkpoint import *
 from .cli import *
 from .config import *
+from .options import *
 from .runs import *
 from .trainer import *

@@ -1,5 +1,5 @@
-"""FID (mopoe.fid): the Fréchet distance against closed forms and pytorch-fid, the offline weights and their errors, the
-metric.
+"""FID (mopoe.fid; its network, mopoe.inception): the Fréchet distance against closed forms and pytorch-fid, the
+offline weights and their errors, the metric.
 
 Inception on a CPU costs about 0.3 s per image: the tests that run it use a handful of images, and the converted
 weights are built once per session in a temporary folder. Every test here runs with sockets forbidden."""
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import mopoe.fid as fid
+import mopoe.inception as fidnet  # the network and its weights (mopoe.fid re-exports its public names)
 from mopoe.evaluate import METRICS, evaluate
 from mopoe.fid import FID, FIDInception, FIDWeightsError, feature_stats, frechet_distance
 
@@ -138,7 +139,7 @@ def test_official_weights_format_takes_the_same_path(tmp_path, monkeypatch, fid_
     torch.save({**weights, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, official)
     with pytest.raises(FIDWeightsError, match="not a recorded"):
         FIDInception(fid_weights=official)
-    monkeypatch.setattr(fid, "PYTORCH_FID_SHA256_PREFIX", fid.sha256_file(official)[:8])
+    monkeypatch.setattr(fidnet, "PYTORCH_FID_SHA256_PREFIX", fid.sha256_file(official)[:8])
     net = FIDInception(fid_weights=official)
     assert net.provenance["source"].startswith("pytorch-fid")
     x = image_sets[1][:1]
@@ -149,7 +150,7 @@ def test_weights_cache_is_verified(fid_cache, inception):
     cache = Path(inception.provenance["cache"])
     assert cache.parent == fid_cache and cache.is_file()
     state, prov = fid.inception_state(cache_dir=fid_cache)
-    assert prov["cache"] == str(cache) and fid._weight_keys(state) == fid._expected_keys()
+    assert prov["cache"] == str(cache) and fidnet._weight_keys(state) == fidnet._expected_keys()
 
 
 # --- the metric, with a cheap stand-in extractor (Inception itself is tested above) ---
